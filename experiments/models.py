@@ -1,0 +1,541 @@
+"""Large reference models in Flax linen, for benchmarks and experiments.
+
+Three families, each with configurable sizes and defaults that match the published model:
+
+* :class:`ResNet` (defaults: ResNet-50 for 224x224 ImageNet), with bottleneck or basic
+  blocks and an optional CIFAR stem; :class:`ResNet50` and :class:`ResNet18` fix the depth.
+* :class:`BertEncoder` (defaults: BERT-base).
+* :class:`LlamaDecoder` (defaults: Llama-7B), optionally with grouped-query attention and with
+  its layers stacked by ``nn.scan``.
+
+Every module takes ``dtype`` (the computation dtype) and ``param_dtype`` (the stored
+parameters' dtype), both float32 by default. The models are written plainly, one Flax layer
+per weight, so that the ZIG analysis sees the same structure a reader does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Array = jax.Array
+
+# ---------------------------------------------------------------------------------------------
+# ResNet
+
+
+class ResNetBlock(nn.Module):
+  """A residual block: ``basic`` (two 3x3 convs) or ``bottleneck`` (1x1, 3x3, 1x1).
+
+  The bottleneck puts the stride on its 3x3 conv (ResNet v1.5, as torchvision does). A
+  projection shortcut (1x1 conv + BN) is used whenever the block changes the shape of its
+  input, i.e. on the first block of a stage that strides or widens.
+
+  Attributes:
+    width: channels of the block's inner convs; the output has ``width * expansion``.
+    kind: ``'bottleneck'`` or ``'basic'``.
+    strides: spatial stride of the block.
+    zero_init_residual: start the last BN's scale at zero, so each block starts as identity.
+  """
+
+  width: int
+  kind: str = 'bottleneck'
+  strides: int = 1
+  zero_init_residual: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def expansion(self) -> int:
+    return 4 if self.kind == 'bottleneck' else 1
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    s = (self.strides, self.strides)
+    pad1 = ((1, 1), (1, 1))
+    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    out_ch = self.width * self.expansion
+
+    if self.kind == 'bottleneck':
+      y = nn.relu(norm(name='bn1')(conv(self.width, (1, 1), name='conv1')(x)))
+      y = nn.relu(norm(name='bn2')(conv(self.width, (3, 3), s, padding=pad1, name='conv2')(y)))
+      y = norm(name='bn3', scale_init=last_scale)(conv(out_ch, (1, 1), name='conv3')(y))
+    elif self.kind == 'basic':
+      y = nn.relu(norm(name='bn1')(conv(self.width, (3, 3), s, padding=pad1, name='conv1')(x)))
+      y = norm(name='bn2', scale_init=last_scale)(conv(out_ch, (3, 3), padding=pad1, name='conv2')(y))
+    else:
+      raise ValueError(f"Unknown block kind {self.kind!r}; use 'bottleneck' or 'basic'.")
+
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != out_ch:
+      shortcut = norm(name='proj_bn')(conv(out_ch, (1, 1), s, name='proj_conv')(x))
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """A ResNet for NHWC images. The defaults build ResNet-50 for 224x224 ImageNet.
+
+  Stage ``i`` has ``stage_sizes[i]`` blocks of inner width ``width * 2**i``; every stage but
+  the first halves the resolution on its first block.
+
+  Attributes:
+    stage_sizes: number of blocks per stage, e.g. ``(3, 4, 6, 3)`` (ResNet-50) or
+      ``(2, 2, 2, 2)`` (ResNet-18).
+    block: ``'bottleneck'`` (expansion 4) or ``'basic'`` (expansion 1).
+    width: channels of the stem and of the first stage's inner convs.
+    num_classes: outputs of the final Dense layer.
+    cifar_stem: a 3x3 stride-1 stem conv and no max-pool (for 32x32 inputs) instead of the
+      ImageNet 7x7 stride-2 conv followed by a 3x3 stride-2 max-pool.
+    zero_init_residual: start each block's last BN scale at zero.
+  """
+
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  block: str = 'bottleneck'
+  width: int = 64
+  num_classes: int = 1000
+  cifar_stem: bool = False
+  zero_init_residual: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """Logits of shape ``[batch, num_classes]`` for images ``x`` of shape ``[batch, H, W, C]``."""
+    x = x.astype(self.dtype)
+    if self.cifar_stem:
+      x = nn.Conv(
+        self.width,
+        (3, 3),
+        padding=((1, 1), (1, 1)),
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='stem_conv',
+      )(x)
+    else:
+      x = nn.Conv(
+        self.width,
+        (7, 7),
+        (2, 2),
+        padding=((3, 3), (3, 3)),
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='stem_conv',
+      )(x)
+    x = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='stem_bn',
+    )(x)
+    x = nn.relu(x)
+    if not self.cifar_stem:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    for i, n_blocks in enumerate(self.stage_sizes):
+      for j in range(n_blocks):
+        x = ResNetBlock(
+          width=self.width * 2**i,
+          kind=self.block,
+          strides=2 if (i > 0 and j == 0) else 1,
+          zero_init_residual=self.zero_init_residual,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f'stage{i + 1}_block{j}',
+        )(x, train=train)
+
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
+
+
+class ResNet50(ResNet):
+  """ResNet-50: bottleneck stages (3, 4, 6, 3), 25.6M parameters at 1000 classes."""
+
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  block: str = 'bottleneck'
+
+
+class ResNet18(ResNet):
+  """ResNet-18: basic-block stages (2, 2, 2, 2); pass ``cifar_stem=True`` for CIFAR."""
+
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  block: str = 'basic'
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT
+
+# BERT and Llama both initialise their weights from N(0, 0.02).
+_normal02 = nn.initializers.normal(stddev=0.02)
+
+
+class BertSelfAttention(nn.Module):
+  """Multi-head self-attention with separate query/key/value projections."""
+
+  hidden_size: int
+  num_heads: int
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, train: bool = False) -> Array:
+    """``x``: ``[batch, length, hidden]``; ``mask``: bool ``[batch, length]``, True = attend."""
+    b, seq_len, _ = x.shape
+    head_dim = self.hidden_size // self.num_heads
+    dense = functools.partial(
+      nn.Dense, self.hidden_size, kernel_init=_normal02, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    q = dense(name='query')(x).reshape(b, seq_len, self.num_heads, head_dim)
+    k = dense(name='key')(x).reshape(b, seq_len, self.num_heads, head_dim)
+    v = dense(name='value')(x).reshape(b, seq_len, self.num_heads, head_dim)
+
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(head_dim)
+    # Padded keys get the most negative finite value rather than -inf, so a fully padded row
+    # still gives a (uniform) softmax instead of NaNs.
+    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
+    # Softmax in float32: its exponentials overflow quickly in half precision.
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
+    ctx = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, seq_len, self.hidden_size)
+    return dense(name='output')(ctx)
+
+
+class BertLayer(nn.Module):
+  """One post-LayerNorm transformer layer: attention and a GELU MLP, each ``LN(x + f(x))``."""
+
+  hidden_size: int
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, train: bool = False) -> Array:
+    ln = functools.partial(
+      nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    drop = nn.Dropout(self.dropout_rate)
+    h = BertSelfAttention(
+      self.hidden_size, self.num_heads, self.dropout_rate, self.dtype, self.param_dtype, name='attention'
+    )(x, mask, train)
+    x = ln(name='attention_norm')(x + drop(h, deterministic=not train))
+    h = nn.Dense(
+      self.mlp_dim, kernel_init=_normal02, dtype=self.dtype, param_dtype=self.param_dtype, name='mlp_in'
+    )(x)
+    # BERT uses the exact (erf) GELU, not the tanh approximation.
+    h = nn.gelu(h, approximate=False)
+    h = nn.Dense(
+      self.hidden_size, kernel_init=_normal02, dtype=self.dtype, param_dtype=self.param_dtype, name='mlp_out'
+    )(h)
+    return ln(name='mlp_norm')(x + drop(h, deterministic=not train))
+
+
+class BertEncoder(nn.Module):
+  """A BERT encoder. The defaults build BERT-base (110M parameters).
+
+  The attention mask is derived from the token ids: positions holding ``pad_token_id`` are
+  never attended to.
+
+  Attributes:
+    vocab_size: size of the WordPiece vocabulary.
+    hidden_size: width of the residual stream.
+    num_layers: number of transformer layers.
+    num_heads: attention heads per layer (``hidden_size`` must be divisible by it).
+    mlp_dim: hidden width of each layer's MLP.
+    max_position: number of learned position embeddings (longest sequence).
+    type_vocab_size: number of token-type (segment) embeddings.
+    pad_token_id: the id that marks padding.
+    dropout_rate: dropout on embeddings, attention probabilities and residual branches.
+    layer_norm_eps: LayerNorm epsilon.
+    num_labels: if set, a Dense head with this many outputs is applied to every token (e.g. 2
+      for SQuAD start/end logits); otherwise the final hidden states are returned.
+  """
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  max_position: int = 512
+  type_vocab_size: int = 2
+  pad_token_id: int = 0
+  dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12
+  num_labels: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids: Array, token_type_ids: Array | None = None, train: bool = False) -> Array:
+    """``input_ids``: int ``[batch, length]``. Returns ``[batch, length, hidden or num_labels]``."""
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.')
+    _, seq_len = input_ids.shape
+    if seq_len > self.max_position:
+      raise ValueError(f'Sequence length {seq_len} exceeds max_position {self.max_position}.')
+    mask = input_ids != self.pad_token_id
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+
+    embed = functools.partial(
+      nn.Embed,
+      features=self.hidden_size,
+      embedding_init=_normal02,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    x = embed(self.vocab_size, name='word_embeddings')(input_ids)
+    x = x + embed(self.max_position, name='position_embeddings')(jnp.arange(seq_len)[None, :])
+    x = x + embed(self.type_vocab_size, name='token_type_embeddings')(token_type_ids)
+    x = nn.LayerNorm(
+      epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name='embeddings_norm'
+    )(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+    for i in range(self.num_layers):
+      x = BertLayer(
+        self.hidden_size,
+        self.num_heads,
+        self.mlp_dim,
+        self.dropout_rate,
+        self.layer_norm_eps,
+        self.dtype,
+        self.param_dtype,
+        name=f'layer_{i}',
+      )(x, mask, train)
+
+    if self.num_labels is not None:
+      x = nn.Dense(
+        self.num_labels, kernel_init=_normal02, dtype=self.dtype, param_dtype=self.param_dtype, name='head'
+      )(x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square normalisation with a learned per-feature scale and no offset."""
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    # The mean of squares is taken in float32: in bfloat16 it loses most of its precision.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float, dtype: Dtype) -> tuple[Array, Array]:
+  """Cosine and sine tables ``[batch, length, head_dim]`` for split-halves rotary embeddings.
+
+  Frequency ``i`` (of ``head_dim // 2``) rotates the pair ``(x[i], x[i + head_dim // 2])``,
+  so both halves of the table repeat the same angles.
+  """
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates ``x`` (``[batch, length, heads, head_dim]``) by the angles in the tables."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class LlamaAttention(nn.Module):
+  """Causal self-attention with rotary embeddings and optional grouped-query attention.
+
+  Query head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)``: each key/value
+  head serves a contiguous block of query heads, as in the reference Llama checkpoints.
+  """
+
+  hidden_size: int
+  num_heads: int
+  num_kv_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    b, seq_len, _ = x.shape
+    head_dim = self.hidden_size // self.num_heads
+    group = self.num_heads // self.num_kv_heads
+    dense = functools.partial(
+      nn.Dense, use_bias=False, kernel_init=_normal02, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    q = dense(self.num_heads * head_dim, name='q_proj')(x).reshape(b, seq_len, self.num_heads, head_dim)
+    k = dense(self.num_kv_heads * head_dim, name='k_proj')(x).reshape(b, seq_len, self.num_kv_heads, head_dim)
+    v = dense(self.num_kv_heads * head_dim, name='v_proj')(x).reshape(b, seq_len, self.num_kv_heads, head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    # Group the query heads by the key/value head they share instead of repeating k and v,
+    # so no copies of the keys and values are made.
+    q = q.reshape(b, seq_len, self.num_kv_heads, group, head_dim)
+    scores = jnp.einsum('bqkgd,bskd->bkgqs', q, k) / math.sqrt(head_dim)
+    causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+    ctx = jnp.einsum('bkgqs,bskd->bqkgd', probs, v).reshape(b, seq_len, self.num_heads * head_dim)
+    return dense(self.hidden_size, name='o_proj')(ctx)
+
+
+class LlamaMLP(nn.Module):
+  """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+
+  hidden_size: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dense = functools.partial(
+      nn.Dense, use_bias=False, kernel_init=_normal02, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    h = nn.silu(dense(self.mlp_dim, name='gate_proj')(x)) * dense(self.mlp_dim, name='up_proj')(x)
+    return dense(self.hidden_size, name='down_proj')(h)
+
+
+class LlamaBlock(nn.Module):
+  """One pre-RMSNorm decoder layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+  Attributes:
+    scanned: return ``(x, None)`` instead of ``x``, the carry/output pair ``nn.scan`` expects.
+  """
+
+  hidden_size: int
+  num_heads: int
+  num_kv_heads: int
+  mlp_dim: int
+  rms_eps: float = 1e-6
+  scanned: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array) -> Array | tuple[Array, None]:
+    norm = functools.partial(RMSNorm, self.rms_eps, self.dtype, self.param_dtype)
+    x = x + LlamaAttention(
+      self.hidden_size, self.num_heads, self.num_kv_heads, self.dtype, self.param_dtype, name='attention'
+    )(norm(name='attention_norm')(x), cos, sin)
+    x = x + LlamaMLP(self.hidden_size, self.mlp_dim, self.dtype, self.param_dtype, name='mlp')(
+      norm(name='mlp_norm')(x)
+    )
+    return (x, None) if self.scanned else x
+
+
+class LlamaDecoder(nn.Module):
+  """A Llama decoder-only language model. The defaults build Llama-7B (6.7B parameters).
+
+  Attributes:
+    vocab_size: token vocabulary.
+    hidden_size: width of the residual stream.
+    num_layers: number of decoder layers.
+    num_heads: query heads per layer.
+    num_kv_heads: key/value heads per layer (grouped-query attention); ``None`` means
+      ``num_heads`` (ordinary multi-head attention).
+    mlp_dim: hidden width of the SwiGLU MLP.
+    rope_theta: base of the rotary embedding frequencies.
+    rms_eps: RMSNorm epsilon.
+    scan_layers: stack the layers with ``nn.scan`` (parameters get a leading layer axis under
+      ``layers``) instead of a Python loop (``layers_0`` … ``layers_{n-1}``).
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int | None = None
+  mlp_dim: int = 11008
+  rope_theta: float = 10000.0
+  rms_eps: float = 1e-6
+  scan_layers: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids: Array, positions: Array | None = None) -> Array:
+    """Next-token logits ``[batch, length, vocab_size]`` for int ``input_ids`` ``[batch, length]``."""
+    kv_heads = self.num_kv_heads or self.num_heads
+    if self.hidden_size % self.num_heads or self.num_heads % kv_heads:
+      raise ValueError(
+        f'hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}), '
+        f'and num_heads by num_kv_heads ({kv_heads}).'
+      )
+    head_dim = self.hidden_size // self.num_heads
+    if head_dim % 2:
+      raise ValueError(f'Rotary embeddings need an even head dimension, got {head_dim}.')
+    b, seq_len = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(seq_len), (b, seq_len))
+    cos, sin = rope_tables(positions, head_dim, self.rope_theta, self.dtype)
+
+    x = nn.Embed(
+      self.vocab_size,
+      self.hidden_size,
+      embedding_init=_normal02,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='embed_tokens',
+    )(input_ids)
+    block_kwargs = dict(
+      hidden_size=self.hidden_size,
+      num_heads=self.num_heads,
+      num_kv_heads=kv_heads,
+      mlp_dim=self.mlp_dim,
+      rms_eps=self.rms_eps,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    if self.scan_layers:
+      stack = nn.scan(
+        LlamaBlock,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=self.num_layers,
+      )
+      x, _ = stack(**block_kwargs, scanned=True, name='layers')(x, cos, sin)
+    else:
+      for i in range(self.num_layers):
+        x = LlamaBlock(**block_kwargs, name=f'layers_{i}')(x, cos, sin)
+
+    x = RMSNorm(self.rms_eps, self.dtype, self.param_dtype, name='norm')(x)
+    return nn.Dense(
+      self.vocab_size,
+      use_bias=False,
+      kernel_init=_normal02,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='lm_head',
+    )(x)

@@ -1,0 +1,298 @@
+"""The result of the ZIG analysis: node groups, their members and dependents, and ZIG ids.
+
+A :class:`ZIGPartition` is plain, static metadata (numpy index maps and paths). Its methods
+that touch arrays (:meth:`ZIGPartition.zero`, :meth:`ZIGPartition.zig_norms`) are pure and
+jit-able; they take any pytree whose leaf paths match the analysed variables, either the
+whole variables or one collection of them (e.g. only ``params``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Path = tuple[Any, ...]
+
+
+def path_of(key_path: Sequence[Any]) -> Path:
+  """Turns a jax key path into a plain tuple of dict keys, attribute names and indices.
+
+  NNX states wrap each array in a ``Variable`` whose array sits under ``.value``; that last
+  attribute is dropped so that a path names the variable (``('bn', 'scale')``).
+  """
+  out = []
+  for k in key_path:
+    if isinstance(k, jax.tree_util.DictKey):
+      out.append(k.key)
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      out.append(k.name)
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      out.append(k.idx)
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      out.append(k.key)
+    else:
+      out.append(str(k))
+  if out and out[-1] == 'value' and isinstance(key_path[-1], jax.tree_util.GetAttrKey):
+    out.pop()
+  return tuple(out)
+
+
+def path_str(path: Path) -> str:
+  return '/'.join(str(p) for p in path)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroupEntry:
+  """One variable's part in a node group.
+
+  Attributes:
+    path: the variable's path in the analysed variables, e.g. ``('params', 'Conv_0', 'kernel')``.
+    axis: the axis of that variable that carries the node group's channels.
+    index: int array of length ``shape[axis]``; entry ``i`` is the node-group-local ZIG index of
+      slice ``i`` along ``axis``, or ``-1`` where slice ``i`` belongs to another group (a
+      concatenation of several groups, or an inner factor of a reshaped axis).
+    shape: the variable's full shape.
+  """
+
+  path: Path
+  axis: int
+  index: np.ndarray
+  shape: tuple[int, ...]
+
+  def __repr__(self) -> str:
+    return f'GroupEntry({path_str(self.path)}, axis={self.axis}, shape={self.shape})'
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NodeGroup:
+  """A set of coupled channel axes: one node group of width ``size`` holds ``size`` ZIGs.
+
+  Attributes:
+    id: position in :attr:`ZIGPartition.node_groups`.
+    size: the number of ZIGs (channels, units, heads) in the group.
+    prunable: whether zeroing any of its ZIGs provably leaves the model's outputs unchanged
+      when the dependents are then removed.
+    reason: for an unprunable group, why (e.g. ``'feeds the model output'``); '' otherwise.
+    members: entries an optimizer drives to zero (the producing side: kernels' output
+      columns, biases, normalisation scales and offsets).
+    dependents: entries that are only sliced away with the ZIG (the consumers' input rows,
+      running statistics).
+    zig_offset: global id of the group's first ZIG (``-1`` for an unprunable group); ZIG
+      ``j`` of the group has global id ``zig_offset + j``.
+    where: a short description of where the group lives (the first member's layer).
+  """
+
+  id: int
+  size: int
+  prunable: bool
+  reason: str
+  members: tuple[GroupEntry, ...]
+  dependents: tuple[GroupEntry, ...]
+  zig_offset: int
+  where: str
+
+  @property
+  def zig_ids(self) -> np.ndarray:
+    if not self.prunable:
+      return np.zeros((0,), np.int32)
+    return np.arange(self.zig_offset, self.zig_offset + self.size, dtype=np.int32)
+
+  def __repr__(self) -> str:
+    state = 'prunable' if self.prunable else f'unprunable: {self.reason}'
+    return (
+      f'NodeGroup(id={self.id}, size={self.size}, {state}, '
+      f'{len(self.members)} members, {len(self.dependents)} dependents, at {self.where})'
+    )
+
+
+def _leaf_index(tree: Any) -> dict[Path, tuple[int, Any]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {path_of(p): (i, leaf) for i, (p, leaf) in enumerate(leaves)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ZIGPartition:
+  """Zero-invariant groups of a JAX function's variables, derived from its jaxpr.
+
+  Build one with :func:`oto_jax.zig_partition`. ZIG ids run over the prunable node groups
+  only: ``0 … num_zigs - 1``.
+
+  Attributes:
+    node_groups: every coupled channel axis that touches a variable, prunable or not.
+    num_zigs: the number of prunable ZIGs.
+    variable_paths: paths of all leaves of the analysed variables, in flattening order.
+    variable_shapes: their shapes.
+    trainable_paths: the paths treated as trainable (an optimizer's domain).
+  """
+
+  node_groups: tuple[NodeGroup, ...]
+  num_zigs: int
+  variable_paths: tuple[Path, ...]
+  variable_shapes: tuple[tuple[int, ...], ...]
+  trainable_paths: frozenset
+  # The analysed program, kept for subnet construction and cost accounting.
+  program: Any = dataclasses.field(default=None, repr=False)
+
+  @property
+  def prunable_groups(self) -> tuple[NodeGroup, ...]:
+    return tuple(g for g in self.node_groups if g.prunable)
+
+  def group_of_zig(self, zig_id: int) -> NodeGroup:
+    """The node group that holds global ZIG ``zig_id``."""
+    for g in self.prunable_groups:
+      if g.zig_offset <= zig_id < g.zig_offset + g.size:
+        return g
+    raise IndexError(f'ZIG id {zig_id} is out of range: this partition has {self.num_zigs} ZIGs.')
+
+  # ---------------------------------------------------------------------------------------
+  # Mapping a pytree onto the analysed variables.
+
+  def _match(self, tree: Any) -> dict[Path, tuple[int, Any]]:
+    """Maps each analysed variable path to the leaf of ``tree`` that holds it (if any).
+
+    A leaf of ``tree`` stands for a variable when its path equals the variable's path or a
+    suffix of it, so ``variables['params']`` (linen) or ``nnx.state(model, nnx.Param)``
+    match as well as the full variables.
+    """
+    leaves = _leaf_index(tree)
+    if not leaves:
+      return {}
+    out = {}
+    for vpath in self.variable_paths:
+      for start in range(len(vpath)):
+        hit = leaves.get(vpath[start:])
+        if hit is not None:
+          out[vpath] = hit
+          break
+    if not out:
+      raise ValueError(
+        'None of the leaves of the given tree matches a variable of this partition. The tree '
+        'must be shaped like the analysed variables or one of their collections; its first '
+        f"paths are {[path_str(p) for p in list(leaves)[:3]]}, the partition's "
+        f'{[path_str(p) for p in self.variable_paths[:3]]}.'
+      )
+    for vpath, (_, leaf) in out.items():
+      want = self.variable_shapes[self.variable_paths.index(vpath)]
+      if tuple(np.shape(leaf)) != want:
+        raise ValueError(
+          f'Leaf {path_str(vpath)} has shape {tuple(np.shape(leaf))}, but the partition was '
+          f'built for shape {want}. Partition the model with the variables you pass here.'
+        )
+    return out
+
+  def _member_entries(self) -> Iterable[tuple[GroupEntry, np.ndarray]]:
+    """(entry, global ZIG id per slice, -1 outside the group) for every member entry."""
+    for g in self.prunable_groups:
+      for e in g.members:
+        yield e, np.where(e.index >= 0, e.index + g.zig_offset, -1).astype(np.int32)
+
+  # ---------------------------------------------------------------------------------------
+  # Array-touching methods (pure, jit-able).
+
+  def zero(self, variables: Any, zig_ids: Any) -> Any:
+    """A copy of ``variables`` with every member entry of the given ZIGs set to zero.
+
+    Args:
+      variables: the analysed variables, or any collection of them (e.g. only params).
+      zig_ids: global ZIG ids, a sequence or an int array (may be traced).
+
+    Returns:
+      A new pytree of the same structure; nothing passed in is modified.
+    """
+    match = self._match(variables)
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    leaves = list(leaves)
+    ids = jnp.asarray(zig_ids, dtype=jnp.int32).reshape(-1)
+    for entry, gid in self._member_entries():
+      hit = match.get(entry.path)
+      if hit is None:
+        continue
+      i = hit[0]
+      drop = jnp.isin(jnp.asarray(gid), ids) & (jnp.asarray(gid) >= 0)
+      shape = [1] * len(entry.shape)
+      shape[entry.axis] = entry.shape[entry.axis]
+      leaves[i] = jnp.where(drop.reshape(shape), jnp.zeros((), leaves[i].dtype), leaves[i])
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  def zig_norms(self, tree: Any) -> jax.Array:
+    """The L2 norm of each ZIG over the member entries present in ``tree``.
+
+    .. math::
+      n_g = \\Big(\\sum_{(v, a) \\in \\mathcal{M}(g)} \\lVert v_{[a = g]} \\rVert_2^2\\Big)^{1/2}
+
+    Args:
+      tree: the analysed variables, or a collection of them (e.g. params or gradients).
+
+    Returns:
+      A float32 array of shape ``[num_zigs]``.
+    """
+    match = self._match(tree)
+    sq = jnp.zeros((self.num_zigs,), jnp.float32)
+    for entry, gid in self._member_entries():
+      hit = match.get(entry.path)
+      if hit is None:
+        continue
+      leaf = jnp.asarray(hit[1]).astype(jnp.float32)
+      other = tuple(a for a in range(leaf.ndim) if a != entry.axis)
+      per_slice = jnp.sum(jnp.square(leaf), axis=other)
+      keep = gid >= 0
+      sq = sq.at[gid[keep]].add(per_slice[np.nonzero(keep)[0]])
+    return jnp.sqrt(sq)
+
+  # ---------------------------------------------------------------------------------------
+  # Reports.
+
+  def summary(self, *, show_unprunable: bool = True) -> str:
+    """A readable table of the node groups."""
+    rows = [('group', 'size', 'ZIG ids', 'members', 'deps', 'where', 'status')]
+    for g in self.node_groups:
+      if not (g.prunable or show_unprunable):
+        continue
+      ids = f'{g.zig_offset}-{g.zig_offset + g.size - 1}' if g.prunable else '-'
+      status = 'prunable' if g.prunable else g.reason
+      rows.append((str(g.id), str(g.size), ids, str(len(g.members)), str(len(g.dependents)), g.where, status))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+    lines = []
+    for k, r in enumerate(rows):
+      lines.append('  '.join(c.ljust(w) for c, w in zip(r[:-1], widths)) + '  ' + r[-1])
+      if k == 0:
+        lines.append('-' * len(lines[0]))
+    n_groups = sum(g.prunable for g in self.node_groups)
+    lines.append(
+      f'{self.num_zigs} prunable ZIGs in {n_groups} node groups; '
+      f'{len(self.node_groups) - n_groups} unprunable groups.'
+    )
+    return '\n'.join(lines)
+
+  def to_dot(self) -> str:
+    """Graphviz DOT: one node per node group, one per layer, edges for members/dependents."""
+
+    def layer(path: Path) -> str:
+      return path_str(path[:-1]) or path_str(path)
+
+    out = ['digraph zigs {', '  rankdir=LR;', '  node [fontname="Helvetica", fontsize=10];']
+    layers: dict[str, None] = {}
+    edges = []
+    for g in self.node_groups:
+      color = 'palegreen' if g.prunable else 'lightgray'
+      label = f'group {g.id}\\n{g.size} ZIGs' + ('' if g.prunable else f'\\n{g.reason[:60]}')
+      out.append(f'  g{g.id} [shape=box, style=filled, fillcolor={color}, label="{_esc(label)}"];')
+      for kind, entries, style in (('m', g.members, 'solid'), ('d', g.dependents, 'dashed')):
+        for e in entries:
+          name = layer(e.path)
+          layers[name] = None
+          a, b = (f'g{g.id}', f'"{_esc(name)}"') if kind == 'm' else (f'"{_esc(name)}"', f'g{g.id}')
+          edges.append(f'  {a} -> {b} [style={style}, label="{_esc(e.path[-1])}:{e.axis}"];')
+    out += [f'  "{_esc(n)}" [shape=ellipse];' for n in layers]
+    out += sorted(set(edges), key=edges.index)
+    out.append('}')
+    return '\n'.join(out)
+
+
+def _esc(s: Any) -> str:
+  return str(s).replace('"', '\\"')
