@@ -45,8 +45,20 @@ _PASS_THROUGH = frozenset(
 _EMPTY: frozenset = frozenset()
 
 
-def where(eqn) -> str:
-  """A short, human-readable location of an equation: module path and user source line."""
+def where(eqn, sites=()) -> str:
+  """A short, human-readable location of an equation: module path and user source line.
+
+  An equation of a library's jitted helper (``jnp.sort``) may carry no user frame of its own;
+  then the innermost call site that has one (``sites``) stands for it.
+  """
+  for e in (eqn, *reversed(sites)):
+    text = _where_one(e)
+    if '(' in text:
+      return text
+  return _where_one(eqn)
+
+
+def _where_one(eqn) -> str:
   try:
     from jax._src import source_info_util as siu
 
@@ -108,6 +120,8 @@ class Context:
     self.shapes: list[tuple[int, ...]] = []
     self.dims: list[tuple[int, ...]] = []
     self.uses: dict[int, list[tuple[str, Any]]] = defaultdict(list)
+    # The call equations (jit, custom_jvp, …) whose sub-program is being walked.
+    self.sites: list = []
 
   # Values.
   def value(self, shape) -> int:
@@ -157,7 +171,7 @@ class Context:
     """Axis ``ax`` of ``v`` can never be pruned; ``structural`` axes are not channels at all."""
     if isinstance(v, Literal):
       return
-    text = f'{reason} at {where(eqn)}' if eqn is not None else reason
+    text = f'{reason} at {where(eqn, self.sites)}' if eqn is not None else reason
     self.graph.block(self.dims[v][ax], text, structural)
 
   def block_all(self, values, reason: str, eqn=None) -> None:
@@ -208,9 +222,13 @@ def walk(ctx: Context, jaxpr, consts: list, ins: list, steps: list) -> list:
       outs = _while(ctx, eqn, args, steps)
     elif name == 'cond':
       outs = _cond(ctx, eqn, args, steps)
-    elif name not in ctx.rules and _sub_jaxpr(eqn) is not None:
-      inner, inner_consts = _sub_jaxpr(eqn)
-      outs = walk(ctx, inner, inner_consts, args, steps)
+    elif name in _PASS_THROUGH and isinstance(args[0], Literal) and not eqn.outvars[0].aval.shape:
+      # A cast of a literal (jnp.clip's bounds inside its jit) is still that literal.
+      outs = [args[0]]
+    elif name not in ctx.rules and (sub := _sub_jaxpr(eqn)) is not None:
+      ctx.sites.append(eqn)
+      outs = walk(ctx, sub[0], sub[1], args, steps)
+      ctx.sites.pop()
     else:
       outs = [ctx.value(v.aval.shape) for v in eqn.outvars]
       rule = ctx.rules.get(name)
@@ -224,7 +242,7 @@ def walk(ctx: Context, jaxpr, consts: list, ins: list, steps: list) -> list:
         zero = rules_lib.NONE
       else:
         zero = rule(ctx, eqn, args, outs)
-      step = ('eqn', eqn, args, outs, zero)
+      step = ('eqn', eqn, args, outs, zero, tuple(ctx.sites))
       steps.append(step)
       _record_uses(ctx, step)
     for v, o in zip(eqn.outvars, outs):
@@ -233,7 +251,7 @@ def walk(ctx: Context, jaxpr, consts: list, ins: list, steps: list) -> list:
 
 
 def _record_uses(ctx: Context, step) -> None:
-  _, eqn, args, outs, zero = step
+  _, eqn, args, outs, zero, _ = step
   for k, a in enumerate(args):
     if isinstance(a, Literal):
       continue
@@ -265,12 +283,13 @@ def _scan(ctx: Context, eqn, args, steps) -> list:
     _loop_value(ctx, x, v.aval.shape) for x, v in zip(init, body.invars[n_consts : n_consts + n_carry])
   ]
   stacked = ctx.fresh(p['length'])
-  ctx.graph.block(stacked, f'stacked (scan) axis at {where(eqn)}', structural=True)
+  ctx.graph.block(stacked, f'stacked (scan) axis at {where(eqn, ctx.sites)}', structural=True)
   xs_in = []
   for x, v in zip(xs, body.invars[n_consts + n_carry :]):
     inner = ctx.value(v.aval.shape)
     if not isinstance(x, Literal):
-      ctx.graph.union(ctx.dims[x][0], stacked) if ctx.shapes[x][0] > 1 else None
+      if ctx.shapes[x][0] > 1:
+        ctx.graph.union(ctx.dims[x][0], stacked)
       for ax in range(len(v.aval.shape)):
         ctx.unite(x, ax + 1, inner, ax)
       moves = [()] + [(ax,) for ax in range(len(v.aval.shape))]
@@ -333,9 +352,6 @@ def _cond(ctx: Context, eqn, args, steps) -> list:
       for ax in range(len(ctx.shapes[o])):
         ctx.unite(o, ax, b, ax)
     branches.append((br_steps, br_outs))
-  for o in ops:
-    if not isinstance(o, Literal):
-      ctx.uses[o].append(('other', None))
   steps.append(('cond', branches, outs))
   return outs
 
@@ -353,7 +369,7 @@ class Proof:
     self.atom_cache: dict[int, frozenset] = {}
     self.zero: dict[int, frozenset] = {}
     self.failed: dict[int, str] = {}
-    self.lost: dict[int, str] = {}
+    self.lost: dict[int, tuple] = {}  # atom -> (equation, call sites) where its zero was lost
 
   def atoms(self, v) -> frozenset:
     if isinstance(v, Literal):
@@ -382,7 +398,7 @@ class Proof:
       else:
         self._cond(*step[1:])
 
-  def _eqn(self, eqn, args, outs, zero: Zero) -> None:
+  def _eqn(self, eqn, args, outs, zero: Zero, sites) -> None:
     ops = range(len(args)) if zero.operands is None else zero.operands
     ins = [args[i] for i in ops]
     had = frozenset().union(*(self.z(x) for x in ins)) if ins else _EMPTY
@@ -408,7 +424,7 @@ class Proof:
         zs = _EMPTY
       self.zero[out] = zs
       for a in (had & at) - zs:
-        self.lost.setdefault(a, f'`{eqn.primitive.name}` at {where(eqn)}')
+        self.lost.setdefault(a, (eqn, sites))
     if zero.contract is not None:
       lhs, rhs = args[0], args[1]
       if isinstance(lhs, Literal) or isinstance(rhs, Literal):
@@ -422,9 +438,10 @@ class Proof:
       zl, zr = self.z(lhs) - free_l, self.z(rhs) - free_r
       for a in summed:
         if a not in zl and a not in zr and a not in self.failed:
-          msg = f'summed over by `{eqn.primitive.name}` at {where(eqn)} while neither side is zero'
+          msg = f'summed over by `{eqn.primitive.name}` at {where(eqn, sites)} while neither side is zero'
           if a in self.lost:
-            msg += f' (zero-invariance is lost at {self.lost[a]})'
+            e, s = self.lost[a]
+            msg += f' (zero-invariance is lost at `{e.primitive.name}` {where(e, s)})'
           self.failed[a] = msg
 
   def _loop(self, body, carries, xs, ys) -> None:

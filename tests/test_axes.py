@@ -1,0 +1,66 @@
+"""The axis union-find: layouts, their reconciliation, and index maps."""
+
+import numpy as np
+
+from oto_jax.axes import CAT, PROD, AxisGraph
+
+
+def _leaves(g: AxisGraph, a: int) -> list[int]:
+  return [g.size[x] for x in g.atoms_of(a, {})]
+
+
+def test_products_refine_to_a_common_factorisation():
+  g = AxisGraph()
+  x = g.new(24)
+  g.assign(x, PROD, [g.new(6), g.new(4)])
+  g.assign(x, PROD, [g.new(2), g.new(12)])
+  assert _leaves(g, x) == [2, 3, 4]
+  assert not g.blocked
+
+
+def test_products_without_common_refinement_block_the_axis():
+  g = AxisGraph()
+  x = g.new(12)
+  g.assign(x, PROD, [g.new(4), g.new(3)])
+  g.assign(x, PROD, [g.new(3), g.new(4)])
+  assert 'share no refinement' in g.blocked[g.find(x)]
+
+
+def test_concatenations_refine_and_unite_matching_parts():
+  g = AxisGraph()
+  x, a, b = g.new(10), g.new(4), g.new(6)
+  g.assign(x, CAT, [a, b])
+  c, d, e = g.new(4), g.new(2), g.new(4)
+  g.assign(x, CAT, [c, d, e])
+  assert g.find(a) == g.find(c)
+  assert _leaves(g, b) == [2, 4]
+
+
+def test_product_against_concatenation_is_a_conflict():
+  g = AxisGraph()
+  x = g.new(8)
+  g.assign(x, PROD, [g.new(2), g.new(4)])
+  g.assign(x, CAT, [g.new(4), g.new(4)])
+  assert 'both a reshape product and a concatenation' in g.blocked[g.find(x)]
+
+
+def test_index_maps_follow_products_and_concatenations():
+  g = AxisGraph()
+  heads, dim = g.new(3), g.new(4)
+  qkv = g.new(24)
+  q, kv = g.new(12), g.new(12)
+  g.assign(qkv, CAT, [q, kv])
+  g.assign(q, PROD, [heads, dim])
+  index, depth = g.index_map(qkv, heads)
+  np.testing.assert_array_equal(index, np.r_[np.repeat(np.arange(3), 4), -np.ones(12, int)])
+  assert depth == 0
+  index, depth = g.index_map(q, dim)
+  np.testing.assert_array_equal(index, np.tile(np.arange(4), 3))
+  assert depth == 1
+
+
+def test_size_one_factors_carry_nothing():
+  g = AxisGraph()
+  x, c = g.new(8), g.new(8)
+  g.assign(x, PROD, [g.new(1), c, g.new(1)])
+  assert g.find(x) == g.find(c)
