@@ -126,8 +126,10 @@ def _signature(part: oto_jax.ZIGPartition):
     part.num_zigs,
     part.variable_paths,
     part.variable_shapes,
-    tuple((g.size, g.prunable, g.reason, g.zig_offset, entries(g.members), entries(g.dependents))
-          for g in part.node_groups),
+    tuple(
+      (g.size, g.prunable, g.reason, g.zig_offset, entries(g.members), entries(g.dependents))
+      for g in part.node_groups
+    ),
   )
 
 
@@ -351,9 +353,17 @@ def test_zero_and_zig_norms():
   g = _group(part, ('params', 'Conv_0', 'kernel'), 3)
   j = 2
   p = v['params']
-  by_hand = math.sqrt(sum(float(jnp.sum(jnp.square(a))) for a in (
-    p['Conv_0']['kernel'][..., j], p['Conv_0']['bias'][j],
-    p['BatchNorm_0']['scale'][j], p['BatchNorm_0']['bias'][j])))
+  by_hand = math.sqrt(
+    sum(
+      float(jnp.sum(jnp.square(a)))
+      for a in (
+        p['Conv_0']['kernel'][..., j],
+        p['Conv_0']['bias'][j],
+        p['BatchNorm_0']['scale'][j],
+        p['BatchNorm_0']['bias'][j],
+      )
+    )
+  )
   np.testing.assert_allclose(float(before[g.zig_offset + j]), by_hand, rtol=1e-5)
 
 
