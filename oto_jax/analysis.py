@@ -51,11 +51,12 @@ def where(eqn, sites=()) -> str:
   An equation of a library's jitted helper (``jnp.sort``) may carry no user frame of its own;
   then the innermost call site that has one (``sites``) stands for it.
   """
-  for e in (eqn, *reversed(sites)):
-    text = _where_one(e)
-    if '(' in text:
-      return text
-  return _where_one(eqn)
+  own = _where_one(eqn)
+  if '(' in own:
+    return own
+  # Keep the equation's own module path; borrow the source line of the nearest call site.
+  site = next((t for t in map(_where_one, reversed(sites)) if '(' in t), '')
+  return f'{own} {site[site.index("(") :]}' if site and own != '?' else site or own
 
 
 def _where_one(eqn) -> str:
