@@ -319,6 +319,7 @@ def _scan(ctx: Context, eqn, args, steps) -> list:
       list(zip(init, carry_in, carry_out, final)),
       list(zip(xs, xs_in)),
       list(zip(ys_in, ys)),
+      p['length'],
     )
   )
   return final + ys
@@ -338,7 +339,8 @@ def _while(ctx: Context, eqn, args, steps) -> list:
     for ax in range(len(ctx.shapes[c_in])):
       ctx.unite(c_in, ax, c_out, ax)
     final.append(_loop_value(ctx, c_in, ctx.shapes[c_in]))
-  steps.append(('loop', body_steps, list(zip(init, carry_in, carry_out, final)), [], []))
+  # A while loop's trip count is unknown before it runs.
+  steps.append(('loop', body_steps, list(zip(init, carry_in, carry_out, final)), [], [], None))
   return final
 
 
@@ -445,7 +447,7 @@ class Proof:
             msg += f' (zero-invariance is lost at `{e.primitive.name}` {where(e, s)})'
           self.failed[a] = msg
 
-  def _loop(self, body, carries, xs, ys) -> None:
+  def _loop(self, body, carries, xs, ys, length) -> None:
     for init, c_in, _, _ in carries:
       self.zero[c_in] = self.z(init) & self.atoms(c_in)
     for outer, inner in xs:
@@ -500,7 +502,13 @@ def _default_trainable(variables) -> Callable[[Path, Any], bool]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Program:
-  """The analysed program: kept for subnet construction and cost accounting."""
+  """The analysed program: kept for subnet construction and cost accounting.
+
+  ``steps`` are the structure pass's record: ``('eqn', eqn, args, outs, zero, sites)``,
+  ``('loop', body_steps, carries, xs, ys, length)`` (``length`` None for a while loop) and
+  ``('cond', [(branch_steps, branch_outs)], outs)``; values are ids into ``ctx``.
+  ``group_atoms[i]`` is the axis-graph atom of node group ``i``.
+  """
 
   closed_jaxpr: Any
   ctx: Context
@@ -508,6 +516,7 @@ class Program:
   invars: list
   outvals: list
   num_variables: int
+  group_atoms: tuple[int, ...]
 
 
 def zig_partition(
@@ -614,14 +623,14 @@ def zig_partition(
     proof.zero[v] = proof.atoms_of_axes([ctx.dims[v][ax] for ax in axes])
   proof.run(steps)
 
-  groups = _select(ctx, proof, invals[:n_var], var_paths, produced)
+  groups, atoms = _select(ctx, proof, invals[:n_var], var_paths, produced)
   return ZIGPartition(
     node_groups=tuple(groups),
     num_zigs=sum(g.size for g in groups if g.prunable),
     variable_paths=tuple(var_paths),
     variable_shapes=tuple(ctx.shapes[v] for v in invals[:n_var]),
     trainable_paths=frozenset(p for p, t in zip(var_paths, is_trainable) if t),
-    program=Program(closed, ctx, steps, invals, outvals, n_var),
+    program=Program(closed, ctx, steps, invals, outvals, n_var, tuple(atoms)),
   )
 
 
@@ -655,7 +664,7 @@ def _produced_axes(ctx: Context, v: int) -> frozenset:
   return frozenset(produced)
 
 
-def _select(ctx: Context, proof: Proof, var_vals, var_paths, produced) -> list[NodeGroup]:
+def _select(ctx: Context, proof: Proof, var_vals, var_paths, produced) -> tuple[list[NodeGroup], list[int]]:
   g = ctx.graph
   # Reasons inherited down the layout forest: an atom inside a blocked axis is blocked.
   parents: dict[int, list[int]] = defaultdict(list)
@@ -744,4 +753,4 @@ def _select(ctx: Context, proof: Proof, var_vals, var_paths, produced) -> list[N
       )
     )
     offset += g.size[a] if prunable else 0
-  return groups
+  return groups, order

@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oto_jax import costs
+from oto_jax.segments import ZIGSegments
+
 Path = tuple[Any, ...]
 
 
@@ -137,6 +140,8 @@ class ZIGPartition:
   trainable_paths: frozenset
   # The analysed program, kept for subnet construction and cost accounting.
   program: Any = dataclasses.field(default=None, repr=False)
+  # Layouts derived from the partition (segments per tree structure, cost models).
+  _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @property
   def prunable_groups(self) -> tuple[NodeGroup, ...]:
@@ -194,6 +199,42 @@ class ZIGPartition:
   # ---------------------------------------------------------------------------------------
   # Array-touching methods (pure, jit-able).
 
+  @property
+  def flops(self) -> costs.CostModel:
+    """FLOPs of one call of the analysed function, as a function of the kept ZIGs.
+
+    ``partition.flops.total`` is the full model's count, ``partition.flops.per_zig`` what
+    each ZIG saves, and ``partition.flops(keep)`` the count with only the ZIGs in the
+    boolean mask ``keep`` (jit-able). See :mod:`oto_jax.costs`.
+    """
+    if 'flops' not in self._cache:
+      self._cache['flops'] = costs.flops_model(self)
+    return self._cache['flops']
+
+  @property
+  def params(self) -> costs.CostModel:
+    """The number of trainable parameters as a function of the kept ZIGs (like :attr:`flops`)."""
+    if 'params' not in self._cache:
+      self._cache['params'] = costs.params_model(self)
+    return self._cache['params']
+
+  def segments(self, tree: Any) -> ZIGSegments:
+    """The member entries laid over ``tree``'s structure (cached per structure and shapes).
+
+    Args:
+      tree: the analysed variables or any collection of them, or a tree shaped like one
+        (gradients, optimizer moments, ``ShapeDtypeStruct`` s).
+
+    Returns:
+      A :class:`~oto_jax.segments.ZIGSegments` with the vectorised per-ZIG operations.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    key = ('segments', treedef, tuple(tuple(np.shape(x)) for x in leaves))
+    hit = self._cache.get(key)
+    if hit is None:
+      hit = self._cache[key] = ZIGSegments.build(self, tree)
+    return hit
+
   def zero(self, variables: Any, zig_ids: Any) -> Any:
     """A copy of ``variables`` with every member entry of the given ZIGs set to zero.
 
@@ -204,20 +245,13 @@ class ZIGPartition:
     Returns:
       A new pytree of the same structure; nothing passed in is modified.
     """
-    match = self._match(variables)
-    leaves, treedef = jax.tree_util.tree_flatten(variables)
-    leaves = list(leaves)
     ids = jnp.asarray(zig_ids, dtype=jnp.int32).reshape(-1)
-    for entry, gid in self._member_entries():
-      hit = match.get(entry.path)
-      if hit is None:
-        continue
-      i = hit[0]
-      drop = jnp.isin(jnp.asarray(gid), ids) & (jnp.asarray(gid) >= 0)
-      shape = [1] * len(entry.shape)
-      shape[entry.axis] = entry.shape[entry.axis]
-      leaves[i] = jnp.where(drop.reshape(shape), jnp.zeros((), leaves[i].dtype), leaves[i])
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    ids = jnp.where(ids < 0, self.num_zigs, ids)  # negative ids name no ZIG; drop them
+    drop = jnp.zeros((self.num_zigs,), bool).at[ids].set(True, mode='drop')
+    seg = self.segments(variables)
+    return seg.map(
+      lambda x, d: jnp.where(d, jnp.zeros((), x.dtype), x), variables, values=[drop], fills=[False]
+    )
 
   def zig_norms(self, tree: Any) -> jax.Array:
     """The L2 norm of each ZIG over the member entries present in ``tree``.
@@ -231,18 +265,7 @@ class ZIGPartition:
     Returns:
       A float32 array of shape ``[num_zigs]``.
     """
-    match = self._match(tree)
-    sq = jnp.zeros((self.num_zigs,), jnp.float32)
-    for entry, gid in self._member_entries():
-      hit = match.get(entry.path)
-      if hit is None:
-        continue
-      leaf = jnp.asarray(hit[1]).astype(jnp.float32)
-      other = tuple(a for a in range(leaf.ndim) if a != entry.axis)
-      per_slice = jnp.sum(jnp.square(leaf), axis=other)
-      keep = gid >= 0
-      sq = sq.at[gid[keep]].add(per_slice[np.nonzero(keep)[0]])
-    return jnp.sqrt(sq)
+    return self.segments(tree).norms(tree)
 
   # ---------------------------------------------------------------------------------------
   # Reports.

@@ -1,0 +1,249 @@
+"""HESSO: hybrid efficient structured sparse optimizer, with exact control of what is pruned."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from oto_jax import budgets
+from oto_jax.partition import ZIGPartition
+from oto_jax.transforms import ScalarOrSchedule, base_direction, check_steps, fraction, normalized, value_at
+
+CRITERIA = ('magnitude', 'avg_magnitude', 'cosine_similarity', 'taylor_first_order', 'taylor_second_order')
+DEFAULT_IMPORTANCE = dict.fromkeys(CRITERIA, 0.2)
+
+
+class HESSOState(NamedTuple):
+  """State of :func:`hesso`.
+
+  Attributes:
+    count: steps taken.
+    inner: the base optimizer's state.
+    pruned: bool ``[num_zigs]``: ZIGs committed as removed (held at zero).
+    active: bool ``[num_zigs]``: ZIGs being decayed to zero in the current period.
+    group_sparsity: fraction of ZIGs that are zero after the last step.
+    important_norm: L2 norm over the ZIGs that are neither pruned nor active.
+    redundant_norm: L2 norm over the pruned and active ZIGs (reaches 0 at a period's end).
+  """
+
+  count: chex.Array
+  inner: optax.OptState
+  pruned: chex.Array
+  active: chex.Array
+  group_sparsity: chex.Array
+  important_norm: chex.Array
+  redundant_norm: chex.Array
+
+
+def saliency(
+  sums: jax.Array, sizes: np.ndarray, allowed: jax.Array, weights: Mapping[str, float]
+) -> jax.Array:
+  """HESSO's saliency of each ZIG from ``sums = [‖x_g‖², ⟨x_g, d_g⟩, ‖d_g‖²]``; higher is kept.
+
+  .. math::
+    s_g = \\sum_c w_c \\frac{c_g}{\\lVert c \\rVert_2}, \\quad c \\in \\Big\\{ \\lVert x_g\\rVert,
+    \\frac{\\lVert x_g\\rVert}{|g|}, \\cos(x_g, -d_g) + 1, |\\langle x_g, d_g\\rangle|,
+    \\tfrac12 \\langle x_g, d_g\\rangle^2 \\Big\\}
+
+  with ``d`` the base optimizer's direction (the step is ``-α d``), each criterion normalised
+  over the ``allowed`` ZIGs.
+  """
+  xx, xd, dd = sums
+  norm = jnp.sqrt(xx)
+  denom = norm * jnp.sqrt(dd)
+  cos = jnp.where(denom > 0, -xd / jnp.where(denom > 0, denom, 1.0), 0.0)
+  crit = {
+    'magnitude': norm,
+    'avg_magnitude': norm / jnp.maximum(jnp.asarray(sizes, jnp.float32), 1.0),
+    'cosine_similarity': cos + 1.0,
+    'taylor_first_order': jnp.abs(xd),
+    'taylor_second_order': 0.5 * jnp.square(xd),
+  }
+  return sum(w * normalized(crit[c], allowed) for c, w in weights.items() if w)
+
+
+def hesso(
+  partition: ZIGPartition,
+  learning_rate: ScalarOrSchedule,
+  *,
+  target_group_sparsity: Any = None,
+  target: budgets.Budget | None = None,
+  start_pruning_step: Any = 0,
+  pruning_steps: Any,
+  pruning_periods: Any = 1,
+  variant: str | optax.GradientTransformation = 'sgd',
+  momentum: Any = None,
+  nesterov: bool = False,
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-8,
+  weight_decay: Any = 0.0,
+  importance_weights: Mapping[str, float] | None = None,
+  group_divisible: Any = 1,
+) -> optax.GradientTransformationExtraArgs:
+  """HESSO: prunes exactly the ZIGs a target asks for, by a linear decay to zero.
+
+  ``K = ⌊target_group_sparsity · N⌋`` ZIGs are removed in ``P = pruning_periods`` periods of
+  ``D = pruning_steps // P`` steps starting at ``start_pruning_step``; period ``p`` brings
+  the total to ``⌊(p+1)/P · K⌋``. At each period start the not-yet-pruned ZIGs with the
+  lowest saliency (:func:`saliency`) become *active*; every step all parameters take the
+  base step and then active ZIGs are scaled down linearly,
+
+  .. math::
+    x_g \\leftarrow \\frac{D - t - 1}{D - t} \\, (x_g - \\alpha d_g), \\qquad t = 0, \\dots, D - 1,
+
+  which reaches exactly zero at the period's end, when they are committed as pruned and held
+  at zero for good. With ``target=oto_jax.flops_budget(f)`` (or ``params_budget``) the ZIGs
+  are taken by saliency per unit of cost until the slim model keeps at most a fraction ``f``
+  of the FLOPs (parameters), computed exactly from the program (:mod:`oto_jax.costs`).
+
+  Every node group keeps at least ``max(1, group_divisible)`` ZIGs, so the slim model never
+  loses a whole layer.
+
+  Args:
+    partition: the model's :class:`~oto_jax.ZIGPartition`.
+    learning_rate: α, a float or an optax schedule.
+    target_group_sparsity: the fraction of ZIGs to remove, in [0, 1).
+    target: instead, a :class:`~oto_jax.Budget` (:func:`~oto_jax.flops_budget`,
+      :func:`~oto_jax.params_budget`).
+    start_pruning_step: the first step of the pruning window (the reference advises ~10% of
+      training).
+    pruning_steps: the window's length in steps (advised: done by ~20–25% of training).
+    pruning_periods: the number of periods the removal is spread over.
+    variant: the base optimizer: ``'sgd'``, ``'adam'``, ``'adamw'``, or any
+      ``GradientTransformation`` that produces a direction (before the learning rate).
+    momentum: heavy-ball momentum for ``'sgd'`` (None: none).
+    nesterov: Nesterov momentum for ``'sgd'``.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: L2 (sgd, adam) or decoupled (adamw) weight decay.
+    importance_weights: weights of the saliency criteria, a mapping over
+      ``'magnitude', 'avg_magnitude', 'cosine_similarity', 'taylor_first_order',
+      'taylor_second_order'`` (missing ones count 0); default 0.2 each.
+    group_divisible: round every node group's kept width to a multiple of this (to the
+      nearest multiple, at least one multiple); the number of pruned ZIGs then follows the
+      rounding rather than the exact target.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`HESSOState`;
+    ``update`` needs ``params``.
+
+  Raises:
+    ValueError: a target outside [0, 1), both or neither of ``target_group_sparsity`` and
+      ``target``, ``pruning_steps < pruning_periods``, ``pruning_periods < 1``, negative
+      steps, an unknown criterion or variant, or a target that would empty a node group.
+
+  Example::
+
+    tx = oto_jax.hesso(part, 1e-3, target_group_sparsity=0.5, start_pruning_step=1000,
+                       pruning_steps=3000, pruning_periods=6, variant='adamw', weight_decay=1e-4)
+
+  References:
+    Chen et al., *HESSO: Towards Automatic Efficient and User Friendly Any Neural Network
+    Training and Pruning*, arXiv 2409.09085.
+  """
+  budget = budgets.as_budget(target_group_sparsity, target)
+  check_steps(start_pruning_step=start_pruning_step, pruning_steps=pruning_steps)
+  if not isinstance(pruning_periods, jax.core.Tracer) and int(np.asarray(pruning_periods)) < 1:
+    raise ValueError(f'pruning_periods must be at least 1, got {pruning_periods}.')
+  concrete = not any(isinstance(v, jax.core.Tracer) for v in (pruning_steps, pruning_periods))
+  if concrete and int(np.asarray(pruning_steps)) < int(np.asarray(pruning_periods)):
+    raise ValueError(
+      f'pruning_steps ({pruning_steps}) must be at least pruning_periods ({pruning_periods}): '
+      'every period needs one step or more.'
+    )
+  weights = dict(DEFAULT_IMPORTANCE if importance_weights is None else importance_weights)
+  unknown = set(weights) - set(CRITERIA)
+  if unknown:
+    raise ValueError(f'Unknown importance criteria {sorted(unknown)}; known: {CRITERIA}.')
+  min_keep = jnp.maximum(1, group_divisible)
+  _check_room(partition, budget, group_divisible)
+  base = base_direction(
+    variant, momentum=momentum, nesterov=nesterov, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
+  )
+  cost = budget.cost_per_zig(partition)
+  n = partition.num_zigs
+
+  def init_fn(params):
+    f0 = jnp.zeros([], jnp.float32)
+    none = jnp.zeros((n,), bool)
+    return HESSOState(jnp.zeros([], jnp.int32), base.init(params), none, none, f0, f0, f0)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+    d, inner = base.update(updates, state.inner, params, **extra_args)
+    lr = value_at(learning_rate, state.count)
+    seg = partition.segments(params)
+    xx, xd, dd = seg.sums((params, params), (params, d), (d, d))
+
+    periods = jnp.asarray(pruning_periods, jnp.int32)
+    length = jnp.asarray(pruning_steps, jnp.int32) // periods
+    rel = state.count - start_pruning_step
+    in_window = (rel >= 0) & (rel < periods * length)
+    rel = jnp.maximum(rel, 0)
+    period, t = rel // length, rel % length
+
+    def choose():
+      sal = saliency(jnp.stack([xx, xd, dd]), seg.sizes, ~state.pruned, weights)
+      key = sal / jnp.asarray(cost)
+      allowed = ~state.pruned & budgets.eligible(partition, jnp.where(state.pruned, -jnp.inf, key), min_keep)
+      progress = (period + 1).astype(jnp.float32) / periods.astype(jnp.float32)
+      removed = budgets.select(budget, partition, key, state.pruned, allowed, progress)
+      if not (isinstance(group_divisible, int) and group_divisible == 1):
+        removed = budgets.round_to_multiple(partition, removed, key, group_divisible) | state.pruned
+      return removed & ~state.pruned
+
+    active = jax.lax.cond(in_window & (t == 0), choose, lambda: state.active) if n else state.active
+    decay = ((length - t - 1) / (length - t)).astype(jnp.float32)
+    factor = jnp.where(state.pruned, 0.0, jnp.where(active & in_window, decay, 1.0))
+    step = jax.tree.map(lambda u: -lr * u, d)
+    new = seg.map(
+      lambda u, x, f: jnp.where(f == 1.0, u, (f * (x + u) - x).astype(u.dtype)),
+      step,
+      params,
+      values=[factor],
+      fills=[1.0],
+    )
+    done = in_window & (t == length - 1)
+    pruned = state.pruned | (active & done)
+    active = active & ~done
+    # Norms after the step, from the sums: ‖f (x - αd)‖².
+    after = jnp.square(factor) * jnp.maximum(xx - 2 * lr * xd + lr * lr * dd, 0.0)
+    redundant = pruned | active
+    zero_after = (factor == 0) | ((xx == 0) & (dd == 0))
+    return new, HESSOState(
+      count=optax.safe_increment(state.count),
+      inner=inner,
+      pruned=pruned,
+      active=active,
+      group_sparsity=fraction(zero_after),
+      important_norm=jnp.sqrt(jnp.sum(jnp.where(redundant, 0.0, after))),
+      redundant_norm=jnp.sqrt(jnp.sum(jnp.where(redundant, after, 0.0))),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_room(partition: ZIGPartition, budget: budgets.Budget, group_divisible: Any) -> None:
+  """A ZIG-count target must leave every node group its minimum width."""
+  if budget.kind != 'zigs' or isinstance(group_divisible, jax.core.Tracer):
+    return
+  if isinstance(budget.fraction, jax.core.Tracer):
+    return
+  keep = max(1, int(np.asarray(group_divisible)))
+  room = sum(max(0, g.size - keep) for g in partition.prunable_groups)
+  want = budgets.num_removed(budget, partition.num_zigs)
+  if want > room:
+    raise ValueError(
+      f'target_group_sparsity={budget.fraction} asks for {want} of {partition.num_zigs} ZIGs, but '
+      f'only {room} can go while every node group keeps {keep} (group_divisible={group_divisible}). '
+      'Lower the target.'
+    )
