@@ -123,6 +123,8 @@ class Context:
     self.uses: dict[int, list[tuple[str, Any]]] = defaultdict(list)
     # The call equations (jit, custom_jvp, …) whose sub-program is being walked.
     self.sites: list = []
+    # Values that are constants of a (sub-)jaxpr, with their arrays.
+    self.consts: dict[int, Any] = {}
 
   # Values.
   def value(self, shape) -> int:
@@ -212,6 +214,7 @@ def walk(ctx: Context, jaxpr, consts: list, ins: list, steps: list) -> list:
   env = {}
   for v, c in zip(jaxpr.constvars, consts):
     env[v] = ctx.value(np.shape(c))
+    ctx.consts[env[v]] = c
   for v, x in zip(jaxpr.invars, ins):
     env[v] = x
   for eqn in jaxpr.eqns:
@@ -319,7 +322,7 @@ def _scan(ctx: Context, eqn, args, steps) -> list:
       list(zip(init, carry_in, carry_out, final)),
       list(zip(xs, xs_in)),
       list(zip(ys_in, ys)),
-      p['length'],
+      {'kind': 'scan', 'length': p['length'], 'reverse': p['reverse']},
     )
   )
   return final + ys
@@ -331,16 +334,18 @@ def _while(ctx: Context, eqn, args, steps) -> list:
   cconsts, bconsts, init = args[:nc], args[nc : nc + nb], args[nc + nb :]
   body, cond = p['body_jaxpr'], p['cond_jaxpr']
   carry_in = [_loop_value(ctx, x, v.aval.shape) for x, v in zip(init, body.jaxpr.invars[nb:])]
-  body_steps: list = []
-  walk(ctx, cond.jaxpr, list(cond.consts), cconsts + carry_in, body_steps)
-  carry_out = walk(ctx, body.jaxpr, list(body.consts), bconsts + carry_in, body_steps)
+  cond_steps: list = []
+  (pred,) = walk(ctx, cond.jaxpr, list(cond.consts), cconsts + carry_in, cond_steps)
+  only_body: list = []
+  carry_out = walk(ctx, body.jaxpr, list(body.consts), bconsts + carry_in, only_body)
   final = []
   for c_in, c_out in zip(carry_in, carry_out):
     for ax in range(len(ctx.shapes[c_in])):
       ctx.unite(c_in, ax, c_out, ax)
     final.append(_loop_value(ctx, c_in, ctx.shapes[c_in]))
   # A while loop's trip count is unknown before it runs.
-  steps.append(('loop', body_steps, list(zip(init, carry_in, carry_out, final)), [], [], None))
+  info = {'kind': 'while', 'length': None, 'cond_steps': cond_steps, 'body_steps': only_body, 'pred': pred}
+  steps.append(('loop', cond_steps + only_body, list(zip(init, carry_in, carry_out, final)), [], [], info))
   return final
 
 
@@ -355,7 +360,7 @@ def _cond(ctx: Context, eqn, args, steps) -> list:
       for ax in range(len(ctx.shapes[o])):
         ctx.unite(o, ax, b, ax)
     branches.append((br_steps, br_outs))
-  steps.append(('cond', branches, outs))
+  steps.append(('cond', branches, outs, args[0]))
   return outs
 
 
@@ -447,7 +452,7 @@ class Proof:
             msg += f' (zero-invariance is lost at `{e.primitive.name}` {where(e, s)})'
           self.failed[a] = msg
 
-  def _loop(self, body, carries, xs, ys, length) -> None:
+  def _loop(self, body, carries, xs, ys, info) -> None:
     for init, c_in, _, _ in carries:
       self.zero[c_in] = self.z(init) & self.atoms(c_in)
     for outer, inner in xs:
@@ -466,7 +471,7 @@ class Proof:
     for inner, outer in ys:
       self.zero[outer] = self.z(inner) & self.atoms(outer)
 
-  def _cond(self, branches, outs) -> None:
+  def _cond(self, branches, outs, index) -> None:
     for br_steps, _ in branches:
       self.run(br_steps)
     for k, out in enumerate(outs):
@@ -505,8 +510,10 @@ class Program:
   """The analysed program: kept for subnet construction and cost accounting.
 
   ``steps`` are the structure pass's record: ``('eqn', eqn, args, outs, zero, sites)``,
-  ``('loop', body_steps, carries, xs, ys, length)`` (``length`` None for a while loop) and
-  ``('cond', [(branch_steps, branch_outs)], outs)``; values are ids into ``ctx``.
+  ``('loop', body_steps, carries, xs, ys, info)`` (``info``: ``kind`` 'scan' with ``length``
+  and ``reverse``, or 'while' with ``cond_steps``, ``body_steps``, ``pred`` and ``length``
+  None) and ``('cond', [(branch_steps, branch_outs)], outs, index)``; values are ids into
+  ``ctx`` (``ctx.consts`` holds the arrays of constant values).
   ``group_atoms[i]`` is the axis-graph atom of node group ``i``.
   """
 
@@ -517,6 +524,13 @@ class Program:
   outvals: list
   num_variables: int
   group_atoms: tuple[int, ...]
+  # What re-analysing the same function at other input shapes needs.
+  apply_fn: Callable[..., Any]
+  signature: tuple
+  var_tree: Any
+  out_tree: Any
+  trainable: Callable[[Path, Any], bool]
+  rules: Mapping[str, Rule]
 
 
 def zig_partition(
@@ -578,7 +592,7 @@ def zig_partition(
   for p, x in zip(var_paths, (x for _, x in var_flat)):
     if not _is_array(x):
       raise TypeError(f'Variable {path_str(p)} is a {type(x).__name__}, not an array or ShapeDtypeStruct.')
-  in_flat, in_tree = jax.tree_util.tree_flatten_with_path((args, kwargs))
+  in_flat, _ = jax.tree_util.tree_flatten_with_path((args, kwargs))
   traced_mask = [_is_array(x) for _, x in in_flat]
   in_leaves = [x for _, x in in_flat]
 
@@ -630,8 +644,38 @@ def zig_partition(
     variable_paths=tuple(var_paths),
     variable_shapes=tuple(ctx.shapes[v] for v in invals[:n_var]),
     trainable_paths=frozenset(p for p, t in zip(var_paths, is_trainable) if t),
-    program=Program(closed, ctx, steps, invals, outvals, n_var, tuple(atoms)),
+    program=Program(
+      closed,
+      ctx,
+      steps,
+      invals,
+      outvals,
+      n_var,
+      tuple(atoms),
+      apply_fn=apply_fn,
+      signature=input_signature(args, kwargs),
+      var_tree=jax.tree_util.tree_structure(variables),
+      out_tree=jax.tree_util.tree_structure(out_shape),
+      trainable=trainable,
+      rules=rules or {},
+    ),
   )
+
+
+def input_signature(args: tuple, kwargs: dict) -> tuple:
+  """A hashable key of a call's inputs: structure, array shapes and dtypes, static values."""
+  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+  sig = []
+  for x in leaves:
+    if _is_array(x):
+      sig.append(('array', tuple(x.shape), str(x.dtype)))
+    else:
+      try:
+        hash(x)
+        sig.append(('static', x))
+      except TypeError:
+        sig.append(('static', repr(x)))
+  return treedef, tuple(sig)
 
 
 def _input_name(keystr: str) -> str:

@@ -92,19 +92,77 @@ class CostModel:
     return float(np.sum(self.coef * np.prod(counts[self.factors], axis=1)) + self.constant)
 
 
-class _Builder:
-  """Collects cost terms over the axes of a partition's program."""
+class AxisMaps:
+  """The ZIG ids along every axis of a partition's program.
+
+  ``maps(node)`` gives one int array per independent factor of the axis: entry ``i`` is the
+  global ZIG id slice ``i`` belongs to, or -1. Atoms on disjoint slices (a concatenation)
+  share one array; atoms that are factors of one product (heads × head_dim) get one each, and
+  slice ``i`` is kept when it is kept in every array.
+  """
 
   def __init__(self, partition: ZIGPartition):
     prog = partition.program
     if prog is None:
       raise ValueError('This partition carries no program; build it with oto_jax.zig_partition.')
-    self.num_zigs = partition.num_zigs
     self.ctx = prog.ctx
     graph = self.ctx.graph
     self.offsets = {
       graph.find(a): g.zig_offset for g, a in zip(partition.node_groups, prog.group_atoms) if g.prunable
     }
+    self.memo: dict[int, tuple[np.ndarray, ...]] = {}
+    self.atom_memo: dict[int, tuple] = {}
+
+  def __call__(self, node: int) -> tuple[np.ndarray, ...]:
+    graph = self.ctx.graph
+    r = graph.find(node)
+    hit = self.memo.get(r)
+    if hit is not None:
+      return hit
+    merged: list[np.ndarray] = []
+    for a in dict.fromkeys(graph.atoms_of(r, self.atom_memo)):
+      off = self.offsets.get(graph.find(a))
+      if off is None:
+        continue
+      try:
+        idx, _ = graph.index_map(r, a)
+      except ValueError:  # the atom twice in one product (an outer product with itself)
+        continue
+      m = np.where(idx >= 0, idx + off, -1).astype(np.int32)
+      for k, other in enumerate(merged):
+        if not np.any((m >= 0) & (other >= 0)):
+          merged[k] = np.maximum(other, m)
+          break
+      else:
+        merged.append(m)
+    self.memo[r] = out = tuple(merged)
+    return out
+
+  def kept(self, node: int, keep: np.ndarray) -> np.ndarray | None:
+    """The kept slice positions of an axis, or None when nothing on it is removed."""
+    maps = self(node)
+    if not maps:
+      return None
+    ok = np.ones(len(maps[0]), bool)
+    for m in maps:
+      ok &= (m < 0) | keep[np.maximum(m, 0)]
+    return None if ok.all() else np.nonzero(ok)[0]
+
+
+def axis_maps(partition: ZIGPartition) -> AxisMaps:
+  """The partition's :class:`AxisMaps` (cached)."""
+  if 'axis_maps' not in partition._cache:
+    partition._cache['axis_maps'] = AxisMaps(partition)
+  return partition._cache['axis_maps']
+
+
+class _Builder:
+  """Collects cost terms over the axes of a partition's program."""
+
+  def __init__(self, partition: ZIGPartition):
+    self.num_zigs = partition.num_zigs
+    self.maps = axis_maps(partition)
+    self.ctx = self.maps.ctx
     self.memo: dict[int, tuple] = {}
     self.axis_ids: dict[bytes, int] = {}
     self.axis_gids: list[np.ndarray] = []
@@ -113,39 +171,19 @@ class _Builder:
 
   def axis(self, node: int) -> tuple[tuple[int, ...], float]:
     """(axis-table ids, coefficient multiplier) for one axis node; () when nothing prunes it."""
-    graph = self.ctx.graph
-    r = graph.find(node)
+    r = self.ctx.graph.find(node)
     hit = self.memo.get(r)
     if hit is not None:
       return hit
-    size = graph.size[r]
-    maps = []
-    for a in dict.fromkeys(graph.atoms_of(r, {})):
-      off = self.offsets.get(graph.find(a))
-      if off is None:
-        continue
-      try:
-        idx, _ = graph.index_map(r, a)
-      except ValueError:  # the atom twice in one product (an outer product with itself)
-        continue
-      maps.append(np.where(idx >= 0, idx + off, -1).astype(np.int32))
-    # Atoms on disjoint slices (a concatenation) share one factor; atoms that are factors of
-    # one product each scale the count: n = size * prod(n_k / size).
-    merged: list[np.ndarray] = []
-    for m in maps:
-      for k, other in enumerate(merged):
-        if not np.any((m >= 0) & (other >= 0)):
-          merged[k] = np.maximum(other, m)
-          break
-      else:
-        merged.append(m)
+    size = self.ctx.graph.size[r]
     ids = []
-    for m in merged:
+    for m in self.maps(r):
       key = m.tobytes()
       if key not in self.axis_ids:
         self.axis_ids[key] = len(self.axis_gids)
         self.axis_gids.append(m)
       ids.append(self.axis_ids[key])
+    # Factors of one product each scale the count: n = size * prod(n_k / size).
     out = (tuple(ids), float(size) ** (1 - len(ids)) if ids else float(size))
     self.memo[r] = out
     return out
@@ -222,7 +260,7 @@ def _flops_terms(b: _Builder, steps, times: float) -> None:
   for step in steps:
     kind = step[0]
     if kind == 'loop':
-      length = step[5]
+      length = step[5]['length']
       _flops_terms(b, step[1], times * (1 if length is None else length))
       continue
     if kind == 'cond':

@@ -96,28 +96,36 @@ class ZIGSegments:
       *pairs: ``(a, b)`` pairs of trees of this structure (``b`` may be ``a``).
 
     Returns:
-      An array of shape ``[len(pairs), num_zigs]``.
+      An array of shape ``[len(pairs), num_zigs]`` (numpy when every leaf is a numpy array).
     """
     flat = [(self._flat(a), self._flat(b)) for a, b in pairs]
+    # Host arrays (numpy) stay on the host: no device dispatch, no compilation.
+    host = all(isinstance(x, np.ndarray) for a, b in flat for x in (*a, *b))
+    xp = np if host else jnp
     if not self.leaves:
-      return jnp.zeros((len(pairs), self.num_zigs), jnp.float32)
+      return xp.zeros((len(pairs), self.num_zigs), xp.float32)
     cols = []
     for a, b in flat:
       parts = []
       for lf in self.leaves:
-        x = jnp.asarray(a[lf.position], jnp.float32)
-        y = x if b is a else jnp.asarray(b[lf.position], jnp.float32)
+        x = xp.asarray(a[lf.position], xp.float32)
+        y = x if b is a else xp.asarray(b[lf.position], xp.float32)
         other = tuple(d for d in range(lf.ndim) if d != lf.axis)
-        per_slice = jnp.sum(x * y, axis=other)
+        per_slice = xp.sum(x * y, axis=other)
         parts.append(per_slice if len(lf.rows) == len(lf.gid) else per_slice[lf.rows])
-      cols.append(jnp.concatenate(parts))
+      cols.append(xp.concatenate(parts))
+    if host:
+      return np.stack([np.bincount(self.seg_ids, c, minlength=self.num_zigs) for c in cols]).astype(
+        np.float32
+      )
     stacked = jnp.stack(cols, axis=-1)
     out = jax.ops.segment_sum(stacked, jnp.asarray(self.seg_ids), num_segments=self.num_zigs)
     return out.T
 
   def norms(self, tree: Any) -> jax.Array:
     """The L2 norm of every ZIG in ``tree``, shape ``[num_zigs]``."""
-    return jnp.sqrt(self.sums((tree, tree))[0])
+    sq = self.sums((tree, tree))[0]
+    return np.sqrt(sq) if isinstance(sq, np.ndarray) else jnp.sqrt(sq)
 
   def spread(self, values: jax.Array, fill: Any) -> list:
     """Per leaf: ``values[gid]`` shaped to broadcast along the leaf's ZIG axis, else None.

@@ -1,0 +1,162 @@
+"""Saving, restoring and exporting slim models.
+
+A saved subnet is a directory with
+
+* ``variables/``: the slim variables, an Orbax checkpoint of their leaves;
+* ``subnet.json``: the removed ZIG ids and the shapes it was exported at;
+* ``apply.stablehlo``: ``Subnet.apply`` serialized with ``jax.export`` at the example inputs.
+
+:func:`load_subnet` gives back either a full :class:`~oto_jax.Subnet` (given the model's
+partition, which rebuilds ``apply`` from the program) or, without one, the variables and the
+exported StableHLO, which runs in a process that imports nothing but JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from oto_jax.partition import ZIGPartition
+from oto_jax.surgery import Subnet, construct_subnet_from_keep
+
+_FORMAT = 1
+
+
+def export_subnet(subnet: Subnet, *args: Any, **kwargs: Any) -> jax.export.Exported:
+  """``Subnet.apply`` exported with ``jax.export`` at the shapes of the example inputs.
+
+  Args:
+    subnet: the slim model.
+    *args: example inputs (arrays or ``jax.ShapeDtypeStruct``); only shapes and dtypes count.
+    **kwargs: keyword arguments; non-array values are static and baked in.
+
+  Returns:
+    A ``jax.export.Exported``: ``.serialize()`` gives bytes, and
+    ``jax.export.deserialize(blob).call(variables, *args)`` runs it in any process.
+
+  Example::
+
+    blob = oto_jax.export_subnet(subnet, x).serialize()
+    y = jax.export.deserialize(blob).call(subnet.variables, x)
+  """
+  static = {k: v for k, v in kwargs.items() if not _is_array(v)}
+  dynamic = {k: v for k, v in kwargs.items() if _is_array(v)}
+
+  def fn(variables, args, dynamic):
+    return subnet.apply(variables, *args, **dynamic, **static)
+
+  spec = jax.tree.map(_abstract, (subnet.variables, args, dynamic))
+  return jax.export.export(jax.jit(fn))(*spec)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExportedSubnet:
+  """A slim model restored without its program: variables plus exported StableHLO.
+
+  Attributes:
+    variables: the slim variables.
+    exported: the ``jax.export.Exported`` of ``Subnet.apply``.
+    removed_zig_ids: the ZIGs removed from the full model.
+  """
+
+  variables: Any
+  exported: jax.export.Exported
+  removed_zig_ids: np.ndarray
+
+  def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
+    """Runs the exported function (array keyword arguments only; static ones are baked in)."""
+    return self.exported.call(variables, args, kwargs)
+
+
+def save_subnet(directory: str, subnet: Subnet, *args: Any, **kwargs: Any) -> None:
+  """Saves the slim variables (Orbax), the removed ZIGs and the exported ``apply``.
+
+  Args:
+    directory: a new or empty directory.
+    subnet: the slim model.
+    *args: example inputs for the export (their shapes are what the export accepts).
+    **kwargs: keyword arguments of ``apply``.
+  """
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  exported = export_subnet(subnet, *args, **kwargs)
+  with open(os.path.join(directory, 'apply.stablehlo'), 'wb') as f:
+    f.write(exported.serialize())
+  leaves = jax.tree_util.tree_leaves(subnet.variables)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(directory, 'variables'), _as_dict(leaves))
+  meta = {
+    'format': _FORMAT,
+    'num_zigs': int(subnet.keep.shape[0]),
+    'removed_zig_ids': [int(i) for i in subnet.removed_zig_ids],
+    'num_leaves': len(leaves),
+  }
+  with open(os.path.join(directory, 'subnet.json'), 'w') as f:
+    json.dump(meta, f, indent=1)
+
+
+def load_subnet(directory: str, partition: ZIGPartition | None = None) -> Subnet | ExportedSubnet:
+  """Restores what :func:`save_subnet` wrote.
+
+  Args:
+    directory: the saved subnet.
+    partition: the full model's partition (``oto_jax.zig_partition`` of the same model, with
+      abstract variables if you like). With it the result is a :class:`~oto_jax.Subnet`
+      (any input shape, ``slice_like``, ``report``); without it, an :class:`ExportedSubnet`
+      that runs at the exported shapes.
+
+  Returns:
+    A :class:`~oto_jax.Subnet` or an :class:`ExportedSubnet`.
+
+  Raises:
+    FileNotFoundError: the directory holds no saved subnet.
+    ValueError: the partition does not match the saved subnet.
+  """
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  meta_path = os.path.join(directory, 'subnet.json')
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f'No saved subnet at {directory} (missing subnet.json).')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  with open(os.path.join(directory, 'apply.stablehlo'), 'rb') as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  with ocp.StandardCheckpointer() as ckpt:
+    raw = ckpt.restore(os.path.join(directory, 'variables'))
+  leaves = [raw[_key(i)] for i in range(meta['num_leaves'])]
+  removed = np.asarray(meta['removed_zig_ids'], np.int64)
+  if partition is None:
+    var_tree = exported.in_tree.children()[0].children()[0]
+    return ExportedSubnet(jax.tree_util.tree_unflatten(var_tree, leaves), exported, removed)
+  if partition.num_zigs != meta['num_zigs']:
+    raise ValueError(
+      f'The partition has {partition.num_zigs} ZIGs but the saved subnet was built from a partition '
+      f'with {meta["num_zigs"]}; partition the same model.'
+    )
+  keep = np.ones((partition.num_zigs,), bool)
+  keep[removed] = False
+  return construct_subnet_from_keep(partition, keep, leaves)
+
+
+def _key(i: int) -> str:
+  return f'leaf_{i:06d}'
+
+
+def _as_dict(leaves: list) -> dict:
+  return {_key(i): np.asarray(x) for i, x in enumerate(leaves)}
+
+
+def _is_array(x) -> bool:
+  return hasattr(x, 'shape') and hasattr(x, 'dtype')
+
+
+def _abstract(x):
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype) if _is_array(x) else x
