@@ -19,6 +19,7 @@ from oto_jax.metrics import count_flops as count_flops
 from oto_jax.metrics import count_params as count_params
 from oto_jax.metrics import group_sparsity as group_sparsity
 from oto_jax.metrics import zero_zigs as zero_zigs
+from oto_jax.native import NativeUnavailable as NativeUnavailable
 from oto_jax.partition import GroupEntry as GroupEntry
 from oto_jax.partition import NodeGroup as NodeGroup
 from oto_jax.partition import ZIGPartition as ZIGPartition

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oto_jax import costs
+from oto_jax import costs, native
 from oto_jax.analysis import input_signature, where, zig_partition
 from oto_jax.partition import Path, ZIGPartition, path_of, path_str
 from oto_jax.rules import Literal
@@ -355,6 +355,23 @@ class Subnet:
       keep[other.zig_offset : other.zig_offset + other.size] = mine
     plan = self._plans[sig] = _Plan(part, keep)
     return plan
+
+  @property
+  def module(self) -> Any:
+    """The linen module, with standard layers at the slim widths: ``module.apply(variables, x)``.
+
+    Raises :class:`~oto_jax.native.NativeUnavailable` (with the reason) when the partition
+    was not built from ``module.apply`` or the module's code fixes a width.
+    """
+    return native.linen_module(self)
+
+  def nnx_model(self, graphdef: Any) -> Any:
+    """A new NNX module graph with the slim variables and widths (see :mod:`oto_jax.native`).
+
+    Args:
+      graphdef: the NNX model's graphdef, or the model (not modified).
+    """
+    return native.nnx_model(self, graphdef)
 
   def slice_like(self, tree: Any) -> Any:
     """Slices any tree shaped like the full variables or a collection of them.
