@@ -1,7 +1,8 @@
 """Large reference models in Flax linen, for benchmarks and experiments.
 
-Three families, each with configurable sizes and defaults that match the published model:
+Four families, each with configurable sizes and defaults that match the published model:
 
+* :class:`VGG` (defaults: VGG16-BN for CIFAR-10).
 * :class:`ResNet` (defaults: ResNet-50 for 224x224 ImageNet), with bottleneck or basic
   blocks and an optional CIFAR stem; :class:`ResNet50` and :class:`ResNet18` fix the depth.
 * :class:`BertEncoder` (defaults: BERT-base).
@@ -179,6 +180,44 @@ class ResNet18(ResNet):
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   block: str = 'basic'
+
+
+# ---------------------------------------------------------------------------------------------
+# VGG
+
+VGG16 = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M')
+
+
+class VGG(nn.Module):
+  """VGG for 32x32 CIFAR images, as in OTO's CIFAR experiments (one 512-wide classifier).
+
+  ``cfg`` lists conv widths and ``'M'`` for 2x2 max pooling; each conv is 3x3, followed by
+  BatchNorm when ``batch_norm`` is set, and ReLU. The default is VGG16(-BN).
+  """
+
+  cfg: Sequence[int | str] = VGG16
+  batch_norm: bool = True
+  num_classes: int = 10
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    x = x.astype(self.dtype)
+    for width in self.cfg:
+      if width == 'M':
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        continue
+      x = nn.Conv(
+        int(width), (3, 3), use_bias=not self.batch_norm, dtype=self.dtype, param_dtype=self.param_dtype
+      )(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(
+          use_running_average=not train, momentum=0.9, dtype=self.dtype, param_dtype=self.param_dtype
+        )(x)
+      x = nn.relu(x)
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""Does the slim model run as much faster as its FLOPs say? And how fast is construct_subnet?
+
+1. VGG16-BN on CIFAR shapes (batch 64, inference, ``jax.jit``, this CPU). ZIGs are zeroed so
+   that the FLOPs fall to about 27% of the full model (OTO's VGG16-BN result), in a random
+   order until the budget is met (``oto_jax.budgets.select``, the choice HESSO makes), so
+   every layer narrows by about the same fraction. The full model on the zeroed variables and the subnet are timed interleaved, and
+   the script prints the measured speedup, the FLOPs ratio and speedup ÷ FLOPs ratio (target
+   ≥ 0.85). The same with every layer's kept width rounded to a multiple of 8 and of 32
+   (``group_divisible``), which XLA's CPU kernels prefer.
+2. ``construct_subnet`` on ResNet-50 and BERT-base with half of their ZIGs removed: the time
+   of a first call (target ≤ 0.5 s each; the partition is built before the clock starts).
+
+Usage::
+
+  python -m experiments.bench_subnet [--batch 64] [--repeats 15] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import oto_jax
+from experiments import models
+from oto_jax import budgets
+
+
+def _time(fn, *args, repeats: int) -> list[float]:
+  out = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    out.append(time.perf_counter() - t)
+  return out
+
+
+def vgg_speedup(batch: int, repeats: int, multiples: tuple[int, ...], keep_flops: float) -> list[dict]:
+  model = models.VGG()
+  x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
+  variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+  part = oto_jax.zig_partition(model.apply, variables, x)
+  # Random saliency, removed in its order until the FLOPs budget is met: every layer narrows
+  # by about the same fraction, as in OTO's VGG16-BN result.
+  key = jax.random.uniform(jax.random.key(2), (part.num_zigs,))
+  none = jnp.zeros((part.num_zigs,), bool)
+  removed = budgets.select(oto_jax.flops_budget(keep_flops), part, key, none, ~none, jnp.float32(1.0))
+  full = jax.jit(lambda v, x: model.apply(v, x))
+  rows = []
+  for m in multiples:
+    r = removed if m == 1 else budgets.round_to_multiple(part, removed, key, m)
+    ids = np.nonzero(np.asarray(r))[0]
+    zeroed = part.zero(variables, ids)
+    sub = oto_jax.construct_subnet(part, zeroed, zig_ids=ids)
+    slim = jax.jit(sub.apply)
+    ref, got = full(zeroed, x), slim(sub.variables, x)
+    err = float(jnp.max(jnp.abs(ref - got)) / jnp.max(jnp.abs(ref)))
+    # Interleave the two so that drifts of this noisy machine hit both alike.
+    t_full, t_slim = [], []
+    for _ in range(repeats):
+      t_full += _time(full, zeroed, x, repeats=1)
+      t_slim += _time(slim, sub.variables, x, repeats=1)
+    rep = sub.report()
+    flops_ratio = rep.flops[0] / rep.flops[1]
+    speedup = statistics.median(t_full) / statistics.median(t_slim)
+    rows.append(
+      {
+        'group_divisible': m,
+        'flops_remaining': rep.flops[1] / rep.flops[0],
+        'params_remaining': rep.params[1] / rep.params[0],
+        'full_ms': 1e3 * statistics.median(t_full),
+        'slim_ms': 1e3 * statistics.median(t_slim),
+        'speedup': speedup,
+        'flops_ratio': flops_ratio,
+        'efficiency': speedup / flops_ratio,
+        'max_rel_err': err,
+        'widths': [w[2] for w in rep.widths],
+      }
+    )
+  return rows
+
+
+def construct_time(name: str) -> dict:
+  cls, shape, dtype = {
+    'resnet50': (models.ResNet50, (1, 224, 224, 3), jnp.float32),
+    'bert_base': (models.BertEncoder, (1, 128), jnp.int32),
+  }[name]
+  model = cls()
+  x = jnp.zeros(shape, dtype)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  part = oto_jax.zig_partition(model.apply, variables, x)
+  ids = np.random.default_rng(0).choice(part.num_zigs, part.num_zigs // 2, replace=False)
+  zeroed = jax.block_until_ready(jax.jit(part.zero)(variables, ids))
+  t = time.perf_counter()
+  sub = oto_jax.construct_subnet(part, zeroed)
+  jax.block_until_ready(sub.variables)
+  first = time.perf_counter() - t
+  return {'model': name, 'construct_s': first, 'num_zigs': part.num_zigs, 'removed': int(len(ids))}
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  ap.add_argument('--batch', type=int, default=64)
+  ap.add_argument('--repeats', type=int, default=15)
+  ap.add_argument('--keep-flops', type=float, default=0.27)
+  ap.add_argument('--json', default=None, help='write the results here')
+  args = ap.parse_args(argv)
+
+  rows = vgg_speedup(args.batch, args.repeats, (1, 8, 32), args.keep_flops)
+  print(f'VGG16-BN, CIFAR shapes, batch {args.batch}, inference, device: {jax.devices()[0].device_kind}')
+  print()
+  print(
+    '| group_divisible | FLOPs left | params left | full ms | slim ms | speedup | FLOPs ratio |'
+    ' speedup ÷ FLOPs ratio | target ≥ 0.85 | max rel err |'
+  )
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  for r in rows:
+    verdict = 'pass' if r['efficiency'] >= 0.85 else 'miss'
+    print(
+      f'| {r["group_divisible"]} | {100 * r["flops_remaining"]:.1f}% | {100 * r["params_remaining"]:.1f}% | '
+      f'{r["full_ms"]:.1f} | {r["slim_ms"]:.1f} | {r["speedup"]:.2f}× | {r["flops_ratio"]:.2f}× | '
+      f'{r["efficiency"]:.2f} | {verdict} | {r["max_rel_err"]:.1e} |'
+    )
+  print()
+  print('Slim widths (group_divisible=1):', rows[0]['widths'])
+  print()
+  cons = [construct_time(n) for n in ('resnet50', 'bert_base')]
+  print('| model | construct_subnet first call s | target ≤ 0.5 s |')
+  print('|---|---|---|')
+  for c in cons:
+    print(f'| {c["model"]} | {c["construct_s"]:.3f} | {"pass" if c["construct_s"] <= 0.5 else "miss"} |')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'vgg16_bn': rows, 'construct': cons, 'batch': args.batch}, f, indent=1)
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
