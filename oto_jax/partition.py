@@ -143,6 +143,49 @@ class ZIGPartition:
   # Layouts derived from the partition (segments per tree structure, cost models).
   _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
+  @classmethod
+  def from_groups(cls, variables: Any, groups: dict[Any, tuple[int, Any]]) -> ZIGPartition:
+    """A partition with user-defined groups, for group-sparse problems that are not networks.
+
+    The optimizers (:func:`oto_jax.hspg`, :func:`oto_jax.prox_sg`, …) then drive these groups to
+    zero, e.g. feature groups of a group-lasso logistic regression. There is no program, so
+    FLOPs budgets and :func:`oto_jax.construct_subnet` are unavailable.
+
+    Args:
+      variables: the pytree the optimizer will see (arrays or ``ShapeDtypeStruct``).
+      groups: ``{path: (axis, index)}`` with ``path`` a tuple of keys or a ``'a/b'`` string and
+        ``index[i]`` the group of slice ``i`` along ``axis`` (-1: in no group). Group ids are
+        shared across variables and must be ``0 … G-1``.
+
+    Returns:
+      A :class:`ZIGPartition` with one node group of ``G`` ZIGs.
+
+    Example::
+
+      part = oto_jax.ZIGPartition.from_groups({'w': w}, {'w': (0, np.repeat(np.arange(8), 4))})
+    """
+    flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+    paths = tuple(path_of(p) for p, _ in flat)
+    shapes = {p: tuple(np.shape(x)) for p, (_, x) in zip(paths, flat)}
+    by_str = {path_str(p): p for p in paths}
+    entries = []
+    for key, (axis, index) in groups.items():
+      path = by_str.get(key) if isinstance(key, str) else tuple(key)
+      if path not in shapes:
+        raise ValueError(f'No variable at {key!r}; the variables are {sorted(by_str)}.')
+      index = np.asarray(index, np.int32).reshape(-1)
+      if index.shape[0] != shapes[path][axis]:
+        raise ValueError(
+          f'The group index of {key!r} has {index.shape[0]} entries but axis {axis} has size '
+          f'{shapes[path][axis]}.'
+        )
+      entries.append(GroupEntry(path, axis, index, shapes[path]))
+    ids = np.unique(np.concatenate([e.index[e.index >= 0] for e in entries])) if entries else np.zeros(0)
+    if len(ids) and not np.array_equal(ids, np.arange(len(ids))):
+      raise ValueError(f'Group ids must be 0 … G-1 without gaps; got {ids[:10]}….')
+    group = NodeGroup(0, len(ids), True, '', tuple(entries), (), 0, 'user-defined groups')
+    return cls((group,), len(ids), paths, tuple(shapes[p] for p in paths), frozenset(paths))
+
   @property
   def prunable_groups(self) -> tuple[NodeGroup, ...]:
     return tuple(g for g in self.node_groups if g.prunable)
