@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.extend  # not loaded by `import jax` alone
 import numpy as np
 
 from oto_jax import rules as rules_lib
@@ -227,8 +228,9 @@ def walk(ctx: Context, jaxpr, consts: list, ins: list, steps: list) -> list:
     elif name == 'cond':
       outs = _cond(ctx, eqn, args, steps)
     elif name in _PASS_THROUGH and isinstance(args[0], Literal) and not eqn.outvars[0].aval.shape:
-      # A cast of a literal (jnp.clip's bounds inside its jit) is still that literal.
-      outs = [args[0]]
+      # A cast of a literal (jnp.clip's bounds inside its jit) is still that literal, in the
+      # new dtype.
+      outs = [Literal(np.asarray(args[0].val, dtype=eqn.outvars[0].aval.dtype))]
     elif name not in ctx.rules and (sub := _sub_jaxpr(eqn)) is not None:
       ctx.sites.append(eqn)
       outs = walk(ctx, sub[0], sub[1], args, steps)

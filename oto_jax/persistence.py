@@ -36,21 +36,26 @@ def export_subnet(subnet: Subnet, *args: Any, **kwargs: Any) -> jax.export.Expor
     **kwargs: keyword arguments; non-array values are static and baked in.
 
   Returns:
-    A ``jax.export.Exported``: ``.serialize()`` gives bytes, and
-    ``jax.export.deserialize(blob).call(variables, *args)`` runs it in any process.
+    A ``jax.export.Exported`` taking ``(leaves, args, kwargs)``, with ``leaves`` the slim
+    variables' leaves in ``jax.tree_util.tree_leaves`` order, ``args`` the tuple of positional
+    inputs and ``kwargs`` the dict of array keyword inputs. ``.serialize()`` gives bytes that
+    run in any process.
 
   Example::
 
     blob = oto_jax.export_subnet(subnet, x).serialize()
-    y = jax.export.deserialize(blob).call(subnet.variables, x)
+    leaves = jax.tree_util.tree_leaves(subnet.variables)
+    y = jax.export.deserialize(blob).call(leaves, (x,), {})
   """
   static = {k: v for k, v in kwargs.items() if not _is_array(v)}
   dynamic = {k: v for k, v in kwargs.items() if _is_array(v)}
+  leaves, treedef = jax.tree_util.tree_flatten(subnet.variables)
 
-  def fn(variables, args, dynamic):
-    return subnet.apply(variables, *args, **dynamic, **static)
+  # The variables go in as their list of leaves: an NNX State's tree cannot be serialized.
+  def fn(leaves, args, dynamic):
+    return subnet.apply(jax.tree_util.tree_unflatten(treedef, leaves), *args, **dynamic, **static)
 
-  spec = jax.tree.map(_abstract, (subnet.variables, args, dynamic))
+  spec = jax.tree.map(_abstract, (leaves, args, dynamic))
   return jax.export.export(jax.jit(fn))(*spec)
 
 
@@ -59,8 +64,9 @@ class ExportedSubnet:
   """A slim model restored without its program: variables plus exported StableHLO.
 
   Attributes:
-    variables: the slim variables.
-    exported: the ``jax.export.Exported`` of ``Subnet.apply``.
+    variables: the slim variables' leaves, in ``jax.tree_util.tree_leaves`` order (the tree
+      itself, a linen dict or an NNX State, needs the model's code to rebuild).
+    exported: the ``jax.export.Exported`` of ``Subnet.apply`` (see :func:`export_subnet`).
     removed_zig_ids: the ZIGs removed from the full model.
   """
 
@@ -69,8 +75,11 @@ class ExportedSubnet:
   removed_zig_ids: np.ndarray
 
   def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
-    """Runs the exported function (array keyword arguments only; static ones are baked in)."""
-    return self.exported.call(variables, args, kwargs)
+    """Runs the exported function on the leaves (or any tree with those leaves) and inputs.
+
+    Array keyword arguments only; static ones were baked in at export.
+    """
+    return self.exported.call(jax.tree_util.tree_leaves(variables), args, kwargs)
 
 
 def save_subnet(directory: str, subnet: Subnet, *args: Any, **kwargs: Any) -> None:
@@ -134,8 +143,7 @@ def load_subnet(directory: str, partition: ZIGPartition | None = None) -> Subnet
   leaves = [raw[_key(i)] for i in range(meta['num_leaves'])]
   removed = np.asarray(meta['removed_zig_ids'], np.int64)
   if partition is None:
-    var_tree = exported.in_tree.children()[0].children()[0]
-    return ExportedSubnet(jax.tree_util.tree_unflatten(var_tree, leaves), exported, removed)
+    return ExportedSubnet(leaves, exported, removed)
   if partition.num_zigs != meta['num_zigs']:
     raise ValueError(
       f'The partition has {partition.num_zigs} ZIGs but the saved subnet was built from a partition '
