@@ -91,18 +91,27 @@ def group_layout(partition: ZIGPartition) -> tuple[np.ndarray, np.ndarray, np.nd
   return of_zig, starts, sizes
 
 
-def within_group_rank(partition: ZIGPartition, key: jax.Array) -> jax.Array:
-  """The rank of each ZIG's ``key`` among the ZIGs of its node group (0 = lowest)."""
+def within_group_rank(partition: ZIGPartition, key: jax.Array, first: jax.Array | None = None) -> jax.Array:
+  """The rank of each ZIG's ``key`` among the ZIGs of its node group (0 = lowest).
+
+  ZIGs where ``first`` is true rank before all others of their group, by key among themselves.
+  """
   of_zig, starts, _ = group_layout(partition)
-  order = jnp.lexsort((key, jnp.asarray(of_zig)))
+  keys = (key,) if first is None else (key, ~first)
+  order = jnp.lexsort((*keys, jnp.asarray(of_zig)))
   rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   return rank - jnp.asarray(starts)[of_zig]
 
 
-def eligible(partition: ZIGPartition, key: jax.Array, min_keep: Any) -> jax.Array:
-  """ZIGs that may be removed while every node group keeps its ``min_keep`` highest keys."""
+def eligible(
+  partition: ZIGPartition, key: jax.Array, min_keep: Any, first: jax.Array | None = None
+) -> jax.Array:
+  """ZIGs that may be removed while every node group keeps its ``min_keep`` highest keys.
+
+  ZIGs in ``first`` (already removed) count as the lowest of their group.
+  """
   of_zig, _, sizes = group_layout(partition)
-  return within_group_rank(partition, key) < jnp.asarray(sizes)[of_zig] - min_keep
+  return within_group_rank(partition, key, first) < jnp.asarray(sizes)[of_zig] - min_keep
 
 
 def round_to_multiple(
@@ -121,8 +130,7 @@ def round_to_multiple(
   rounded = jnp.floor_divide(kept + multiple // 2, multiple) * multiple
   rounded = jnp.clip(rounded, jnp.minimum(multiple, sizes_j), sizes_j)
   # Already-removed ZIGs first, then the rest by key.
-  order_key = jnp.where(removed, key - 1e9, key)
-  return within_group_rank(partition, order_key) < (sizes_j - rounded)[of_zig_j]
+  return within_group_rank(partition, key, first=removed) < (sizes_j - rounded)[of_zig_j]
 
 
 def num_removed(budget: Budget, num_zigs: int) -> Any:

@@ -12,6 +12,7 @@ import optax
 from oto_jax import budgets
 from oto_jax.partition import ZIGPartition
 from oto_jax.transforms import (
+  NO_PARAMS,
   ScalarOrSchedule,
   base_direction,
   check_steps,
@@ -88,9 +89,11 @@ def dhspg(
   :math:`\\lambda_g = \\mathrm{clip}(a L, \\lambda, \\lambda h)` (or :math:`(L+U)/2` when that
   is at least ``U``), :math:`L = -\\langle x, d\\rangle/\\lVert x\\rVert`,
   :math:`U = -\\lVert d\\rVert^2 \\lVert x\\rVert/\\langle x, d\\rangle`. Zero ZIGs stay zero.
-  Unlike the reference, the redundant ZIGs keep being driven until all are zero, so the
-  final sparsity is the target unless training ends first; :func:`oto_jax.hesso` guarantees
-  it by construction.
+  Unlike the reference, the redundant ZIGs keep being driven after the sparsity first reaches
+  the target. As in the reference, λ_g is bounded so that the step still descends ``f``,
+  so a redundant ZIG whose gradient pushes back can settle near zero without reaching it and
+  the final sparsity can fall short of the target (reference issues #28, #43);
+  :func:`oto_jax.hesso` meets its target exactly by construction.
 
   Args:
     partition: the model's :class:`~oto_jax.ZIGPartition`.
@@ -146,7 +149,7 @@ def dhspg(
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS)
     d, inner = base.update(updates, state.inner, params, **extra_args)
     lr = value_at(learning_rate, state.count)
     lam = value_at(lmbda, state.count)

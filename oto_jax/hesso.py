@@ -13,7 +13,15 @@ import optax
 
 from oto_jax import budgets
 from oto_jax.partition import ZIGPartition
-from oto_jax.transforms import ScalarOrSchedule, base_direction, check_steps, fraction, normalized, value_at
+from oto_jax.transforms import (
+  NO_PARAMS,
+  ScalarOrSchedule,
+  base_direction,
+  check_steps,
+  fraction,
+  normalized,
+  value_at,
+)
 
 CRITERIA = ('magnitude', 'avg_magnitude', 'cosine_similarity', 'taylor_first_order', 'taylor_second_order')
 DEFAULT_IMPORTANCE = dict.fromkeys(CRITERIA, 0.2)
@@ -173,12 +181,13 @@ def hesso(
 
   def init_fn(params):
     f0 = jnp.zeros([], jnp.float32)
-    none = jnp.zeros((n,), bool)
-    return HESSOState(jnp.zeros([], jnp.int32), base.init(params), none, none, f0, f0, f0)
+    # Two arrays, not one: a donated state must not hold the same buffer twice.
+    pruned, active = jnp.zeros((n,), bool), jnp.zeros((n,), bool)
+    return HESSOState(jnp.zeros([], jnp.int32), base.init(params), pruned, active, f0, f0, f0)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS)
     d, inner = base.update(updates, state.inner, params, **extra_args)
     lr = value_at(learning_rate, state.count)
     seg = partition.segments(params)
@@ -194,7 +203,7 @@ def hesso(
     def choose():
       sal = saliency(jnp.stack([xx, xd, dd]), seg.sizes, ~state.pruned, weights)
       key = sal / jnp.asarray(cost)
-      allowed = ~state.pruned & budgets.eligible(partition, jnp.where(state.pruned, -jnp.inf, key), min_keep)
+      allowed = ~state.pruned & budgets.eligible(partition, key, min_keep, first=state.pruned)
       progress = (period + 1).astype(jnp.float32) / periods.astype(jnp.float32)
       removed = budgets.select(budget, partition, key, state.pruned, allowed, progress)
       if not (isinstance(group_divisible, int) and group_divisible == 1):

@@ -27,6 +27,7 @@ import optax
 from oto_jax.partition import NodeGroup, ZIGPartition
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
+NO_PARAMS = 'This transformation needs the current parameters: call `update(updates, state, params)`.'
 
 
 def value_at(x: Any, count: jax.Array) -> jax.Array:
@@ -106,7 +107,7 @@ def add_group_lasso(
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS)
     seg = partition.segments(params)
     on = in_window(state.count, start_step, end_step)
     lam = jnp.where(on, value_at(lmbda, state.count), 0.0)
@@ -160,7 +161,7 @@ def group_lasso_prox(
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS)
     seg = partition.segments(params)
     trial = jax.tree.map(lambda x, u: x + u, params, updates)
     on = in_window(state.count, start_step, end_step)
@@ -237,7 +238,7 @@ def half_space_projection(
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS)
     seg = partition.segments(params)
     eps = per_group_epsilon(partition, epsilon)
     xx, xu, uu = seg.sums((params, params), (params, updates), (updates, updates))
@@ -339,9 +340,8 @@ def base_direction(
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   decay = [] if no_decay else [optax.add_decayed_weights(weight_decay)]
   if variant == 'sgd':
-    return optax.chain(
-      *decay, *([] if momentum is None else [optax.trace(decay=momentum, nesterov=nesterov)])
-    )
+    blocks = [*decay, *([] if momentum is None else [optax.trace(decay=momentum, nesterov=nesterov)])]
+    return optax.chain(*blocks) if blocks else optax.identity()
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   return optax.chain(*decay, adam) if variant == 'adam' else optax.chain(adam, *decay)
 
