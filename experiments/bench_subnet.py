@@ -3,10 +3,10 @@
 1. VGG16-BN on CIFAR shapes (batch 64, inference, ``jax.jit``, this CPU). ZIGs are zeroed so
    that the FLOPs fall to about 27% of the full model (OTO's VGG16-BN result), in a random
    order until the budget is met (``oto_jax.budgets.select``, the choice HESSO makes), so
-   every layer narrows by about the same fraction. The full model on the zeroed variables and the subnet are timed interleaved, and
-   the script prints the measured speedup, the FLOPs ratio and speedup ÷ FLOPs ratio (target
-   ≥ 0.85). The same with every layer's kept width rounded to a multiple of 8 and of 32
-   (``group_divisible``), which XLA's CPU kernels prefer.
+   every layer narrows by about the same fraction. The full model on the zeroed variables
+   and the subnet are timed interleaved; the script prints the measured speedup, the FLOPs
+   ratio and speedup ÷ FLOPs ratio (target ≥ 0.85). The same again with every layer's kept
+   width rounded to a multiple of 8 and of 32 (``group_divisible``).
 2. ``construct_subnet`` on ResNet-50 and BERT-base with half of their ZIGs removed: the time
    of a first call (target ≤ 0.5 s each; the partition is built before the clock starts).
 

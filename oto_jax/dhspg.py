@@ -144,8 +144,10 @@ def dhspg(
   n = partition.num_zigs
 
   def init_fn(params):
-    f0 = jnp.zeros([], jnp.float32)
-    return DHSPGState(jnp.zeros([], jnp.int32), base.init(params), jnp.zeros((n,), bool), f0, f0, f0)
+    def f0():  # a fresh buffer per field, so that the state can be donated
+      return jnp.zeros([], jnp.float32)
+
+    return DHSPGState(jnp.zeros([], jnp.int32), base.init(params), jnp.zeros((n,), bool), f0(), f0(), f0())
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -161,6 +163,7 @@ def dhspg(
     zero = xx == 0
 
     def choose():
+      xg, gg = seg.sums((params, updates), (updates, updates))
       denom = norm * jnp.sqrt(gg)
       cos = jnp.where(denom > 0, xg / jnp.where(denom > 0, denom, 1.0), 0.0)  # cos(-x, -∇f)
       small = 1.0 / (norm / jnp.maximum(jnp.asarray(seg.sizes, jnp.float32), 1.0) + 1e-6)

@@ -181,7 +181,8 @@ class HalfSpaceState(NamedTuple):
 
   Attributes:
     count: steps taken.
-    group_sparsity: the fraction of ZIGs that are zero after the last step.
+    group_sparsity: the fraction of ZIGs that are zero after the last step (before
+      ``start_step``: that were zero before it, since no step is taken to check).
     num_projected: how many non-zero ZIGs the last step projected onto zero.
   """
 
@@ -233,22 +234,25 @@ def half_space_projection(
 
   def init_fn(params):
     del params
-    z = jnp.zeros([], jnp.int32)
-    return HalfSpaceState(count=z, group_sparsity=jnp.zeros([], jnp.float32), num_projected=z)
+    return HalfSpaceState(
+      count=jnp.zeros([], jnp.int32),
+      group_sparsity=jnp.zeros([], jnp.float32),
+      num_projected=jnp.zeros([], jnp.int32),
+    )
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(NO_PARAMS)
     seg = partition.segments(params)
     eps = per_group_epsilon(partition, epsilon)
-    xx, xu, uu = seg.sums((params, params), (params, updates), (updates, updates))
+    xx, xu = seg.sums((params, params), (params, updates))
     trial_dot = xx + xu  # <x + u, x>
     nonzero = xx > 0
     on = state.count >= start_step
     project = on & nonzero & (trial_dot < eps * xx)
     drop = on & (project | ~nonzero)
     new = seg.map(lambda u, x, d: jnp.where(d, -x, u), updates, params, values=[drop], fills=[False])
-    zero_after = drop | (~nonzero & (uu == 0))
+    zero_after = drop | ~nonzero
     return new, HalfSpaceState(
       count=optax.safe_increment(state.count),
       group_sparsity=fraction(zero_after),

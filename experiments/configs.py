@@ -1,0 +1,134 @@
+"""Experiment configurations as code: the embedded real-data runs and the paper's set-ups.
+
+``python -m experiments.train --config NAME [--set key=value …]`` runs one of :data:`CONFIGS`.
+The paper-scale set-ups (``cifar10_*``, ``imagenet_resnet50``, ``squad_bert``) carry the
+reference hyperparameters of ``shared/reference/oto_family.md`` and need ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One experiment.
+
+  Epoch-valued fields are converted to steps with the run's steps per epoch.
+  """
+
+  name: str
+  dataset: str  # digits | mnist1d | cifar10 | imagenet | squad
+  model: str  # a key of experiments.train.MODELS
+  model_kwargs: dict = dataclasses.field(default_factory=dict)
+  optimizer: str = 'hesso'  # hspg | dhspg | hesso | prox_sg
+  epochs: int = 60
+  batch_size: int = 64
+  lr: float = 0.05
+  momentum: float | None = 0.9
+  weight_decay: float = 0.0
+  lr_decay_epochs: tuple = ()
+  lr_decay: float = 0.1
+  augment: bool = False
+  # HSPG / Prox-SG / DHSPG.
+  lmbda: float = 1e-3
+  n_p_epoch: int = 10
+  epsilon_conv: float = 0.0
+  epsilon_dense: float = 0.0
+  # DHSPG / HESSO targets: a group sparsity, or a FLOPs fraction to keep.
+  target_sparsity: float | None = None
+  flops_keep: float | None = 0.3
+  start_pruning_epoch: int = 5
+  pruning_epochs: int = 10
+  pruning_periods: int = 5
+  variant: str = 'sgd'
+  group_divisible: int = 1
+  # The dense baseline trained with the same schedule and plain SGD.
+  dense_baseline: bool = True
+  data_dir: str | None = None
+  seed: int = 0
+
+  def replace(self, **changes: Any) -> Config:
+    return dataclasses.replace(self, **changes)
+
+
+# OTOv1's CIFAR-10 runs: plain SGD, lr 0.1 ÷10 at the listed epochs, batch 64, 300 epochs.
+_CIFAR = dict(
+  dataset='cifar10', optimizer='hspg', epochs=300, lr=0.1, momentum=None, augment=True, flops_keep=None
+)
+_DIGITS = dict(dataset='digits', epochs=60, batch_size=64, lr=0.05, lr_decay_epochs=(40,), weight_decay=1e-4)
+
+CONFIGS: dict[str, Config] = {
+  c.name: c
+  for c in [
+    Config('digits_vgg', model='digits_vgg', start_pruning_epoch=6, pruning_epochs=18, **_DIGITS),
+    Config('digits_resnet', model='digits_resnet', start_pruning_epoch=6, pruning_epochs=18, **_DIGITS),
+    Config(
+      'mnist1d_cnn',
+      dataset='mnist1d',
+      model='mnist1d_cnn',
+      epochs=60,
+      batch_size=100,
+      lr=0.05,
+      lr_decay_epochs=(40,),
+      weight_decay=1e-4,
+      start_pruning_epoch=6,
+      pruning_epochs=18,
+    ),
+    # The paper's set-ups, with the OTOv1 reference hyperparameters.
+    Config(
+      'cifar10_vgg16',
+      model='vgg16',
+      lr_decay_epochs=(75, 150, 225),
+      lmbda=1e-3,
+      n_p_epoch=75,
+      epsilon_dense=0.99,
+      **_CIFAR,
+    ),
+    Config(
+      'cifar10_vgg16bn',
+      model='vgg16_bn',
+      lr_decay_epochs=(75, 150, 250),
+      lmbda=5e-4,
+      n_p_epoch=75,
+      epsilon_dense=0.9,
+      **_CIFAR,
+    ),
+    Config(
+      'cifar10_resnet50',
+      model='resnet50_cifar',
+      lr_decay_epochs=(75, 150, 225),
+      lmbda=1e-3,
+      n_p_epoch=75,
+      **_CIFAR,
+    ),
+    Config(
+      'imagenet_resnet50',
+      dataset='imagenet',
+      model='resnet50',
+      optimizer='hspg',
+      epochs=120,
+      batch_size=256,
+      lr=0.1,
+      momentum=None,
+      lr_decay_epochs=(30, 60, 90),
+      lmbda=1e-3,
+      n_p_epoch=30,
+      flops_keep=None,
+    ),
+    Config(
+      'squad_bert',
+      dataset='squad',
+      model='bert_base',
+      optimizer='hspg',
+      epochs=9,
+      batch_size=32,
+      lr=3e-5,
+      momentum=None,
+      lmbda=1e-3,
+      n_p_epoch=1,
+      flops_keep=None,
+    ),
+  ]
+}
