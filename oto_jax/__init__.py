@@ -13,6 +13,7 @@ from oto_jax.dhspg import DHSPGState as DHSPGState
 from oto_jax.dhspg import dhspg as dhspg
 from oto_jax.hesso import HESSOState as HESSOState
 from oto_jax.hesso import hesso as hesso
+from oto_jax.hspg import HSPGState as HSPGState
 from oto_jax.hspg import hspg as hspg
 from oto_jax.hspg import prox_sg as prox_sg
 from oto_jax.metrics import count_flops as count_flops

@@ -777,8 +777,8 @@ def test_states_are_named_tuples_and_report_group_sparsity():
   """States are NamedTuples; tree_get(state, 'group_sparsity') is the params' group sparsity."""
   part = _linear_partition()
   kinds = {
-    'hspg': oto_jax.HalfSpaceState,
-    'hspg_prox': oto_jax.HalfSpaceState,
+    'hspg': oto_jax.HSPGState,  # the fused subgradient HSPG
+    'hspg_prox': oto_jax.HalfSpaceState,  # the chain
     'dhspg': oto_jax.DHSPGState,
     'hesso': oto_jax.HESSOState,
   }
