@@ -506,7 +506,9 @@ def _make(partition: ZIGPartition, keep: np.ndarray, slim: Any) -> Subnet:
     want = plan.slim_shape(v)
     if tuple(np.shape(leaf)) != want:
       raise ValueError(f'Slim variable {path_str(path)} has shape {tuple(np.shape(leaf))}, expected {want}.')
-  slim = jax.tree_util.tree_unflatten(prog.var_tree, jax.device_put(leaves))
+  # Fresh host copies first: on CPU, device_put may alias a NumPy buffer, and an unsliced leaf would
+  # then share memory with the caller's array.
+  slim = jax.tree_util.tree_unflatten(prog.var_tree, jax.device_put([np.array(x) for x in leaves]))
   return Subnet(partition, keep, slim, abstract, {prog.signature: plan})
 
 
