@@ -46,8 +46,21 @@ class Config:
   group_divisible: int = 1
   # The dense baseline trained with the same schedule and plain SGD.
   dense_baseline: bool = True
+  # The Torch-Pruning-style baseline: dense training, one-shot L1 channel pruning to the OTO
+  # model's FLOPs at ``l1_prune_epoch`` (default: when HESSO's pruning window ends), fine-tuning.
+  l1_baseline: bool = False
+  l1_prune_epoch: int | None = None
   data_dir: str | None = None
   seed: int = 0
+
+  @property
+  def l1_prune_at(self) -> int:
+    """The epoch at which the L1 baseline prunes."""
+    return (
+      self.l1_prune_epoch
+      if self.l1_prune_epoch is not None
+      else self.start_pruning_epoch + self.pruning_epochs
+    )
 
   def replace(self, **changes: Any) -> Config:
     return dataclasses.replace(self, **changes)
@@ -57,25 +70,23 @@ class Config:
 _CIFAR = dict(
   dataset='cifar10', optimizer='hspg', epochs=300, lr=0.1, momentum=None, augment=True, flops_keep=None
 )
-_DIGITS = dict(dataset='digits', epochs=60, batch_size=64, lr=0.05, lr_decay_epochs=(40,), weight_decay=1e-4)
+# The embedded-data runs: SGD with momentum, HESSO pruning over epochs 6-24, the L1 baseline.
+_SMALL = dict(
+  epochs=60,
+  lr=0.05,
+  lr_decay_epochs=(40,),
+  weight_decay=1e-4,
+  start_pruning_epoch=6,
+  pruning_epochs=18,
+  l1_baseline=True,
+)
 
 CONFIGS: dict[str, Config] = {
   c.name: c
   for c in [
-    Config('digits_vgg', model='digits_vgg', start_pruning_epoch=6, pruning_epochs=18, **_DIGITS),
-    Config('digits_resnet', model='digits_resnet', start_pruning_epoch=6, pruning_epochs=18, **_DIGITS),
-    Config(
-      'mnist1d_cnn',
-      dataset='mnist1d',
-      model='mnist1d_cnn',
-      epochs=60,
-      batch_size=100,
-      lr=0.05,
-      lr_decay_epochs=(40,),
-      weight_decay=1e-4,
-      start_pruning_epoch=6,
-      pruning_epochs=18,
-    ),
+    Config('digits_vgg', dataset='digits', model='digits_vgg', batch_size=64, **_SMALL),
+    Config('digits_resnet', dataset='digits', model='digits_resnet', batch_size=64, **_SMALL),
+    Config('mnist1d_cnn', dataset='mnist1d', model='mnist1d_cnn', batch_size=100, **_SMALL),
     # The paper's set-ups, with the OTOv1 reference hyperparameters.
     Config(
       'cifar10_vgg16',

@@ -542,7 +542,8 @@ def tune(name: str, seeds: Sequence[int] = TUNING_SEEDS, log: Callable[[str], No
 # Report.
 
 
-def _mean_std(values: list[float], fmt: str) -> str:
+def mean_std(values: list[float], fmt: str) -> str:
+  """``mean ± sample standard deviation`` formatted with ``fmt`` (the value alone for one)."""
   if len(values) == 1:
     return format(values[0], fmt)
   return f'{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}'
@@ -560,12 +561,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   for ds, opt in keys:
     sel = [r for r in rows if r['dataset'] == ds and r['optimizer'] == opt]
     f = [r['objective'] for r in sel]
-    gap = _mean_std([v - ref[ds] for v in f], '.4f') if ds in ref else '–'
+    gap = mean_std([v - ref[ds] for v in f], '.4f') if ds in ref else '–'
     lines.append(
-      f'| {ds} | {LABELS.get(opt, opt)} | {len(sel) if opt != "reference" else "–"} | {_mean_std(f, ".4f")} '
-      f'| {gap} | {_mean_std([100 * r["group_sparsity"] for r in sel], ".1f")} '
-      f'| {_mean_std([100 * r["support_match"] for r in sel], ".1f")} '
-      f'| {_mean_std([100 * r["test_accuracy"] for r in sel], ".1f")} |'
+      f'| {ds} | {LABELS.get(opt, opt)} | {len(sel) if opt != "reference" else "–"} | {mean_std(f, ".4f")} '
+      f'| {gap} | {mean_std([100 * r["group_sparsity"] for r in sel], ".1f")} '
+      f'| {mean_std([100 * r["support_match"] for r in sel], ".1f")} '
+      f'| {mean_std([100 * r["test_accuracy"] for r in sel], ".1f")} |'
     )
   return '\n'.join(lines)
 

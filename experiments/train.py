@@ -13,11 +13,14 @@ dense, the full OTO and the slim model; times CPU/GPU inference of full vs slim;
 ``widths.png`` (per-layer widths before and after) and the slim model (``slim/``, see
 :func:`oto_jax.save_subnet`) under ``--out``.
 
-Training is data-parallel over all local devices (a mesh over the batch axis; parameters
-replicated, or sharded along their largest divisible axis with ``--fsdp``); on several hosts
-``jax.distributed.initialize()`` is called first when ``JAX_COORDINATOR_ADDRESS`` is set. An
-Orbax checkpoint is written after every epoch; ``--resume`` continues from the last one and
-ends with exactly the result of an uninterrupted run.
+Training is data-parallel over all devices (a mesh over the batch axis; parameters
+replicated, or sharded along their largest divisible axis with ``--fsdp``). On several hosts,
+start one process per host with ``--coordinator HOST:PORT --num-processes N --process-id I``
+(or the environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID``): every process reads the same data and batches, each feeds its own
+devices, and only process 0 writes the reports. An Orbax checkpoint is written after every
+epoch; ``--resume`` continues from the last one and ends with exactly the result of an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import oto_jax
+from experiments import baselines, models
 from experiments import data as data_lib
-from experiments import models
 from experiments.configs import CONFIGS, Config
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +134,28 @@ class Run:
   variables: Any
   history: list
   partition: Any = None
+  pruned_ids: np.ndarray | None = None  # the ZIGs the L1 baseline removed
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of a tree's arrays, gathered from every process where a leaf is sharded across hosts."""
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(one, tree)
+
+
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+  """Joins a multi-process run (one process per host, or several on one host for testing).
+
+  On CPU the collectives go through Gloo; the setting is ignored by GPU and TPU backends.
+  """
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
 
 
 def _mesh() -> Mesh:
@@ -209,8 +234,16 @@ def train(
   resume: bool = False,
   fsdp: bool = False,
   progress: bool = True,
+  flops_keep: float | None = None,
+  mesh: Mesh | None = None,
 ) -> Run:
-  """Trains ``cfg``'s model with the dense baseline (``kind='dense'``) or an OTO optimizer."""
+  """Trains ``cfg``'s model: the dense baseline, an OTO optimizer, or the L1 pruning baseline.
+
+  ``kind='l1'`` trains like the dense baseline, prunes once by L1 magnitude to ``flops_keep``
+  of the FLOPs at epoch ``cfg.l1_prune_at`` (:func:`experiments.baselines.l1_prune`), and
+  fine-tunes what is left for the remaining epochs with the pruned ZIGs held at zero.
+  Training is data-parallel over ``mesh`` (default: all local devices, one ``'data'`` axis).
+  """
   import orbax.checkpoint as ocp
   from tqdm.auto import tqdm
 
@@ -219,37 +252,46 @@ def train(
   variables = jax.jit(model.init)(jax.random.key(seed), x0)
   part = oto_jax.zig_partition(model.apply, variables, x0) if kind != 'dense' else None
   steps_per_epoch = max(1, len(ds.x_train) // cfg.batch_size)
-  tx = make_optimizer(cfg, kind, part, steps_per_epoch)
+  tx = make_optimizer(cfg, 'dense' if kind == 'l1' else kind, part, steps_per_epoch)
+  if kind == 'l1' and flops_keep is None:
+    raise ValueError("kind='l1' needs flops_keep, the fraction of FLOPs the pruned model keeps.")
   params, stats = variables['params'], variables.get('batch_stats', {})
   opt_state = tx.init(params)
+  # The L1 baseline's mask of kept entries (all ones until it prunes).
+  mask = jax.tree.map(jnp.ones_like, params)
+  pruned_ids = np.zeros((0,), np.int64)
 
-  mesh = _mesh()
+  mesh = mesh or _mesh()
   if cfg.batch_size % mesh.devices.size:
     raise ValueError(f'batch_size {cfg.batch_size} must divide over the {mesh.devices.size} devices.')
   state_sharding = _param_sharding(mesh, (params, stats, opt_state), fsdp)
+  mask_sharding = _param_sharding(mesh, mask, fsdp)
   params, stats, opt_state = jax.device_put((params, stats, opt_state), state_sharding)
+  mask = jax.device_put(mask, mask_sharding)
   batch_sharding = NamedSharding(mesh, P('data'))
 
-  def loss_fn(params, stats, x, y):
+  def loss_fn(params, stats, x, y, key):
     logits, new = model.apply(
-      {'params': params, 'batch_stats': stats}, x, train=True, mutable=['batch_stats']
+      {'params': params, 'batch_stats': stats},
+      x,
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'dropout': key},
     )
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, new.get('batch_stats', stats)
+    return task_loss(logits, y), new.get('batch_stats', stats)
 
-  def step(params, stats, opt_state, x, y, key):
+  def step(params, stats, opt_state, mask, x, y, key):
+    augment_key, dropout_key = jax.random.split(key)
     if cfg.augment:
-      x = data_lib.augment_cifar(x, key)
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
+      x = data_lib.augment_cifar(x, augment_key)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, stats), grads = grad_fn(params, stats, x, y, dropout_key)
     updates, opt_state = tx.update(grads, opt_state, params)
+    updates = jax.tree.map(jnp.multiply, updates, mask)
     return optax.apply_updates(params, updates), stats, opt_state, loss
 
   step = jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=(*state_sharding, None))
-  evaluate = jax.jit(lambda p, s, x: model.apply({'params': p, 'batch_stats': s}, x).argmax(-1))
-
-  def accuracy(p, s, x, y):
-    preds = np.concatenate([np.asarray(evaluate(p, s, x[i : i + 512])) for i in range(0, len(x), 512)])
-    return float(np.mean(preds == y))
+  evaluate = jax.jit(model.apply)
 
   history: list = []
   start = 0
@@ -260,26 +302,31 @@ def train(
   )
   if ckpt is not None and resume and ckpt.latest_step() is not None:
     start = ckpt.latest_step()
-    target = {'params': params, 'stats': stats, 'opt_state': opt_state}
+    target = {'params': params, 'stats': stats, 'opt_state': opt_state, 'mask': mask}
     restored = ckpt.restore(
       start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     )
-    params, stats, opt_state = (restored.state[k] for k in ('params', 'stats', 'opt_state'))
+    params, stats, opt_state, mask = (restored.state[k] for k in ('params', 'stats', 'opt_state', 'mask'))
     history = restored.meta['history']
+    pruned_ids = np.asarray(restored.meta.get('pruned_ids', []), np.int64)
   bar = tqdm(range(start, cfg.epochs), desc=f'{cfg.name} {kind}', disable=not progress, leave=False)
   for epoch in bar:
+    if kind == 'l1' and epoch == cfg.l1_prune_at:
+      pruned_ids = np.flatnonzero(~baselines.l1_prune(part, to_host(params), flops_keep))
+      params = jax.device_put(part.zero(params, pruned_ids), state_sharding[0])
+      mask = jax.device_put(part.zero(mask, pruned_ids), mask_sharding)
     losses = []
     for i, (xb, yb) in enumerate(
       data_lib.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed, epoch=epoch)
     ):
       key = jax.random.fold_in(jax.random.key(seed), epoch * steps_per_epoch + i)
       xb, yb = jax.device_put((xb, yb), batch_sharding)
-      params, stats, opt_state, loss = step(params, stats, opt_state, xb, yb, key)
+      params, stats, opt_state, loss = step(params, stats, opt_state, mask, xb, yb, key)
       losses.append(loss)
     rec = {
       'epoch': epoch + 1,
       'loss': float(np.mean(jax.device_get(losses))),
-      'test_acc': accuracy(params, stats, ds.x_test, ds.y_test),
+      'test_acc': _accuracy(evaluate, {'params': params, 'batch_stats': stats}, ds.x_test, ds.y_test),
       'group_sparsity': float(oto_jax.group_sparsity(part, params)) if part is not None else 0.0,
     }
     history.append(rec)
@@ -287,31 +334,42 @@ def train(
       loss=f'{rec["loss"]:.3f}', acc=f'{rec["test_acc"]:.3f}', sparsity=f'{rec["group_sparsity"]:.2f}'
     )
     if ckpt is not None:
-      state = {'params': params, 'stats': stats, 'opt_state': opt_state}
+      state = {'params': params, 'stats': stats, 'opt_state': opt_state, 'mask': mask}
+      meta = {'history': history, 'pruned_ids': pruned_ids.tolist()}
       ckpt.save(
-        epoch + 1,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({'history': history})
-        ),
+        epoch + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
       )
   if ckpt is not None:
     ckpt.wait_until_finished()
     ckpt.close()
-  variables = {'params': jax.device_get(params), 'batch_stats': jax.device_get(stats)}
+  variables = {'params': to_host(params), 'batch_stats': to_host(stats)}
   if not variables['batch_stats']:
     variables.pop('batch_stats')
-  return Run(variables, history, part)
+  return Run(variables, history, part, pruned_ids)
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation, speed and reports.
 
 
+def task_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
+  """Mean cross-entropy: classes for logits ``[B, C]``, or a span's start and end positions
+  ``y [B, 2]`` for per-token logits ``[B, L, 2]`` (SQuAD)."""
+  if logits.ndim == 3:
+    logits = jnp.moveaxis(logits, 1, -1)  # [B, 2, L]: a distribution over positions per end
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def predict(logits: jax.Array) -> jax.Array:
+  """The class ``[B]``, or the span's most likely start and end ``[B, 2]``."""
+  return logits.argmax(1) if logits.ndim == 3 else logits.argmax(-1)
+
+
 def _accuracy(fn, variables, x, y) -> float:
-  preds = np.concatenate(
-    [np.asarray(fn(variables, x[i : i + 512]).argmax(-1)) for i in range(0, len(x), 512)]
-  )
-  return float(np.mean(preds == y))
+  """Accuracy, or for spans the exact-match rate of both ends."""
+  preds = np.concatenate([np.asarray(predict(fn(variables, x[i : i + 512]))) for i in range(0, len(x), 512)])
+  correct = preds == y
+  return float(np.mean(correct.all(-1) if correct.ndim > 1 else correct))
 
 
 def _speedup(full, slim, full_vars, slim_vars, x, repeats: int = 30) -> tuple[float, float, float]:
@@ -339,29 +397,18 @@ def run_experiment(
   t0 = time.perf_counter()
   model = MODELS[cfg.model](ds.num_classes)
   apply = jax.jit(lambda v, x: model.apply(v, x))
-  if cfg.dense_baseline:
-    dense = train(
-      cfg,
-      'dense',
-      ds,
-      seed=seed,
-      ckpt_dir=out and os.path.join(out, 'ckpt_dense'),
-      resume=resume,
-      fsdp=fsdp,
-      progress=progress,
+
+  def fit(kind: str, ckpt: str, **kwargs: Any) -> Run:
+    ckpt_dir = out and os.path.join(out, ckpt)
+    return train(
+      cfg, kind, ds, seed=seed, ckpt_dir=ckpt_dir, resume=resume, fsdp=fsdp, progress=progress, **kwargs
     )
+
+  if cfg.dense_baseline:
+    dense = fit('dense', 'ckpt_dense')
     results['dense_acc'] = _accuracy(apply, dense.variables, ds.x_test, ds.y_test)
     results['dense_history'] = dense.history
-  oto = train(
-    cfg,
-    cfg.optimizer,
-    ds,
-    seed=seed,
-    ckpt_dir=out and os.path.join(out, 'ckpt_oto'),
-    resume=resume,
-    fsdp=fsdp,
-    progress=progress,
-  )
+  oto = fit(cfg.optimizer, 'ckpt_oto')
   part = oto.partition
   sub = oto_jax.construct_subnet(part, oto.variables)
   slim_apply = jax.jit(sub.apply)
@@ -375,15 +422,22 @@ def run_experiment(
   results['speedup'], results['full_ms'], results['slim_ms'] = _speedup(
     apply, slim_apply, oto.variables, sub.variables, xb
   )
+  if cfg.l1_baseline:
+    l1 = fit('l1', 'ckpt_l1', flops_keep=results['flops_remaining'])
+    l1_sub = oto_jax.construct_subnet(l1.partition, l1.variables, zig_ids=l1.pruned_ids)
+    results['l1_acc'] = _accuracy(jax.jit(l1_sub.apply), l1_sub.variables, ds.x_test, ds.y_test)
+    results['l1_flops_remaining'] = l1_sub.report().to_dict()['flops_remaining']
+    results['l1_history'] = l1.history
   results['seconds'] = time.perf_counter() - t0
-  if out:
+  if out and jax.process_index() == 0:  # one writer in a multi-process run
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'results.json'), 'w') as f:
       json.dump(results, f, indent=1)
     with open(os.path.join(out, 'results.md'), 'w') as f:
       f.write(markdown(results) + '\n\n' + rep.markdown() + '\n')
     plot(results, out)
-    oto_jax.save_subnet(os.path.join(out, 'slim'), sub, xb)
+  if out:
+    oto_jax.save_subnet(os.path.join(out, 'slim'), sub, xb)  # every process takes part
   return results
 
 
@@ -392,6 +446,16 @@ def markdown(r: dict) -> str:
     ('dense accuracy', f'{100 * r["dense_acc"]:.2f}%' if 'dense_acc' in r else '-'),
     (f'OTO ({r["config"]["optimizer"]}) full-model accuracy', f'{100 * r["oto_acc"]:.2f}%'),
     ('slim-model accuracy', f'{100 * r["slim_acc"]:.2f}%'),
+    *(
+      [
+        (
+          'L1-pruned + fine-tuned accuracy (same FLOPs)',
+          f'{100 * r["l1_acc"]:.2f}% at {100 * r["l1_flops_remaining"]:.1f}% FLOPs',
+        )
+      ]
+      if 'l1_acc' in r
+      else []
+    ),
     ('FLOPs remaining', f'{100 * r["flops_remaining"]:.1f}%'),
     ('parameters remaining', f'{100 * r["params_remaining"]:.1f}%'),
     ('group sparsity', f'{100 * r["group_sparsity"]:.1f}%'),
@@ -411,7 +475,12 @@ def plot(r: dict, out: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-  for label, hist in (('dense', r.get('dense_history')), ('OTO', r['oto_history'])):
+  curves = (
+    ('dense', r.get('dense_history')),
+    ('OTO', r['oto_history']),
+    ('L1 + fine-tune', r.get('l1_history')),
+  )
+  for label, hist in curves:
     if not hist:
       continue
     ep = [h['epoch'] for h in hist]
@@ -466,16 +535,29 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument('--out', default=None, help='output directory (default runs/CONFIG-seedN)')
   ap.add_argument('--resume', action='store_true')
   ap.add_argument('--fsdp', action='store_true', help='shard parameters over the devices')
+  env = os.environ.get
+  ap.add_argument('--coordinator', default=env('JAX_COORDINATOR_ADDRESS'), help='multi-process: HOST:PORT')
+  ap.add_argument('--num-processes', type=int, default=int(env('JAX_NUM_PROCESSES', '1')))
+  ap.add_argument('--process-id', type=int, default=int(env('JAX_PROCESS_ID', '0')))
   args = ap.parse_args(argv)
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()
+  if args.coordinator:
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   cfg = parse_set(CONFIGS[args.config], args.set)
   seed = cfg.seed if args.seed is None else args.seed
   out = args.out or os.path.join('runs', f'{cfg.name}-seed{seed}')
   try:
-    r = run_experiment(cfg, seed=seed, out=out, resume=args.resume, fsdp=args.fsdp)
+    r = run_experiment(
+      cfg, seed=seed, out=out, resume=args.resume, fsdp=args.fsdp, progress=jax.process_index() == 0
+    )
   except (FileNotFoundError, NotImplementedError) as e:
     raise SystemExit(f'error: {e}') from None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    # No process may leave (and shut the runtime down) while another still writes.
+    multihost_utils.sync_global_devices('experiments.train: done')
+    if jax.process_index() != 0:
+      return 0
   print(markdown(r))
   print(f'\nArtefacts in {out}/: results.json, results.md, curves.png, widths.png, slim/')
   return 0

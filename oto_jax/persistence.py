@@ -85,6 +85,9 @@ class ExportedSubnet:
 def save_subnet(directory: str, subnet: Subnet, *args: Any, **kwargs: Any) -> None:
   """Saves the slim variables (Orbax), the removed ZIGs and the exported ``apply``.
 
+  In a multi-process run, call it on every process with the same subnet: Orbax synchronises
+  them, and process 0 writes the files.
+
   Args:
     directory: a new or empty directory.
     subnet: the slim model.
@@ -95,12 +98,16 @@ def save_subnet(directory: str, subnet: Subnet, *args: Any, **kwargs: Any) -> No
 
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
+  # Host copies: each process holds the whole slim model on its own devices, and NumPy leaves
+  # are what Orbax writes once, from the primary process.
+  leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(subnet.variables)]
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(directory, 'variables'), _as_dict(leaves))
+  if jax.process_index() != 0:
+    return
   exported = export_subnet(subnet, *args, **kwargs)
   with open(os.path.join(directory, 'apply.stablehlo'), 'wb') as f:
     f.write(exported.serialize())
-  leaves = jax.tree_util.tree_leaves(subnet.variables)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(os.path.join(directory, 'variables'), _as_dict(leaves))
   meta = {
     'format': _FORMAT,
     'num_zigs': int(subnet.keep.shape[0]),

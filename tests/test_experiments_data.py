@@ -8,7 +8,6 @@ and SQuAD are empty directory layouts, and the small datasets come from scikit-l
 from __future__ import annotations
 
 import math
-import pickle
 import random
 
 import jax
@@ -19,6 +18,7 @@ import pytest
 
 import oto_jax
 from experiments import convex, data
+from tests.fakes import write_fake_cifar
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10, ImageNet and SQuAD on disk.
@@ -27,17 +27,7 @@ TRAIN_PER_BATCH, NUM_TEST = 3, 4
 
 
 def _write_fake_cifar(root, rng):
-  """Writes data_batch_1..5 and test_batch as CIFAR-10's python version does; returns the raw rows."""
-  root.mkdir(parents=True, exist_ok=True)
-  raw = {}
-  for name, n in [(f'data_batch_{i}', TRAIN_PER_BATCH) for i in range(1, 6)] + [('test_batch', NUM_TEST)]:
-    rows = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-    labels = [int(v) for v in rng.integers(0, 10, n)]
-    batch = {b'batch_label': name.encode(), b'labels': labels, b'data': rows, b'filenames': [b'x.png'] * n}
-    with open(root / name, 'wb') as f:
-      pickle.dump(batch, f)
-    raw[name] = (rows, labels)
-  return raw
+  return write_fake_cifar(root, rng, TRAIN_PER_BATCH, NUM_TEST)
 
 
 def test_cifar10_reads_pickle_batches(tmp_path):
