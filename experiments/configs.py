@@ -51,6 +51,8 @@ class Config:
   l1_baseline: bool = False
   l1_prune_epoch: int | None = None
   data_dir: str | None = None
+  # Pretrained weights to start from (BERT: a Hugging Face model.safetensors).
+  init_checkpoint: str | None = None
   seed: int = 0
 
   @property
@@ -118,6 +120,7 @@ CONFIGS: dict[str, Config] = {
       'imagenet_resnet50',
       dataset='imagenet',
       model='resnet50',
+      augment=True,
       optimizer='hspg',
       epochs=120,
       batch_size=256,
@@ -131,12 +134,13 @@ CONFIGS: dict[str, Config] = {
     Config(
       'squad_bert',
       dataset='squad',
-      model='bert_base',
+      model='bert_squad',
       optimizer='hspg',
       epochs=9,
       batch_size=32,
       lr=3e-5,
       momentum=None,
+      lr_decay_epochs=(4,),
       lmbda=1e-3,
       n_p_epoch=1,
       flops_keep=None,

@@ -10,11 +10,15 @@ Large datasets that must be on disk already, with a clear error saying where to 
 when they are not:
 
 * :func:`cifar10`: CIFAR-10 in its python-pickle format, loaded fully as NHWC arrays.
-* :func:`imagenet` and :func:`squad`: only validate the directory layout and return the
-  paths; their input pipelines are out of scope here.
+* :func:`imagenet` checks an ImageNet folder layout; :func:`imagenet_images` makes it a
+  :class:`Dataset` whose images (:class:`ImageFolderArray`) are decoded lazily, batch by batch.
+* :func:`squad` checks SQuAD v1.1's files; :func:`squad_features` tokenises them into BERT
+  features (:mod:`experiments.squad`).
 
-And two helpers for training loops: :func:`batches` (a reproducible shuffled minibatch
-iterator) and :func:`augment_cifar` (random crop with padding and horizontal flip, jit-able).
+And helpers for training loops: :func:`batches` (a reproducible shuffled minibatch iterator,
+over arrays or lazy image folders), :func:`prefetch` (decodes the next batches in a thread),
+and :func:`augment_cifar` / :func:`augment_imagenet` (random crops and horizontal flips,
+jit-able).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pickle
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +43,18 @@ SQUAD_URL = 'https://rajpurkar.github.io/SQuAD-explorer/'
 # Per-channel mean and standard deviation of the CIFAR-10 training images in [0, 1] (RGB).
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
+# The usual ImageNet normalisation (RGB in [0, 1]).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png')
 
 
 class Dataset(NamedTuple):
   """A classification dataset split into train and test, as numpy arrays.
 
   Attributes:
-    x_train: float32 inputs, ``[N_train, ...]``.
+    x_train: float32 inputs, ``[N_train, ...]`` (a NumPy array, or an array-like that decodes
+      on indexing, such as :class:`ImageFolderArray`).
     y_train: int32 labels in ``0 … num_classes - 1``, ``[N_train]``.
     x_test: float32 inputs, ``[N_test, ...]``.
     y_test: int32 labels, ``[N_test]``.
@@ -54,6 +63,8 @@ class Dataset(NamedTuple):
     train_index: for a dataset split here, the rows of the source data in the train split
       (None when the split is the source's own).
     test_index: likewise for the test split.
+    eval_data: what a dataset-specific evaluation needs (SQuAD: the dev
+      :class:`~experiments.squad.Features`, for exact match and F1).
   """
 
   x_train: np.ndarray
@@ -64,6 +75,7 @@ class Dataset(NamedTuple):
   name: str
   train_index: np.ndarray | None = None
   test_index: np.ndarray | None = None
+  eval_data: Any = None
 
 
 def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -240,11 +252,10 @@ class ImageNetFiles(NamedTuple):
 
 
 def imagenet(path: PathLike | None) -> ImageNetFiles:
-  """Checks an ImageNet directory's layout and returns its paths (no input pipeline).
+  """Checks an ImageNet directory's layout and returns its paths (see :func:`imagenet_images`).
 
   Expects ``path/train/<class>/…`` and ``path/val/<class>/…`` with the same class folders
   (the validation images sorted into class folders, as torchvision's ``ImageFolder`` wants).
-  Decoding, resizing and augmentation are out of scope here.
 
   Args:
     path: the root of the copy.
@@ -283,19 +294,124 @@ def imagenet(path: PathLike | None) -> ImageNetFiles:
   return ImageNetFiles(root, root / 'train', root / 'val', tuple(classes['train']))
 
 
+class ImageFolderArray:
+  """A read-only array ``[N, size, size, 3]`` of image files, decoded when indexed.
+
+  Indexing with an int, a slice or an int array decodes those images (in a thread pool): each
+  is converted to RGB, resized so that its shorter side is ``resize`` (bilinear),
+  center-cropped to ``size x size`` and normalised with :data:`IMAGENET_MEAN` and
+  :data:`IMAGENET_STD`. Nothing is cached, so an epoch over ImageNet needs no more memory than
+  a batch.
+
+  Args:
+    files: the image paths, in dataset order.
+    size: the side of the returned images.
+    resize: the shorter side after resizing (at least ``size``).
+    threads: decoding threads (default: the CPU count, at most 32).
+  """
+
+  dtype = np.dtype(np.float32)
+  ndim = 4
+
+  def __init__(self, files: list[Path], size: int, resize: int, threads: int | None = None):
+    if resize < size:
+      raise ValueError(f'resize ({resize}) must be at least size ({size}).')
+    self.files = list(files)
+    self.size, self.resize = size, resize
+    self.threads = threads or min(32, os.cpu_count() or 1)
+
+  @property
+  def shape(self) -> tuple[int, int, int, int]:
+    return (len(self.files), self.size, self.size, 3)
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray:
+    if isinstance(index, slice):
+      positions = range(*index.indices(len(self.files)))
+    elif np.ndim(index) == 0:
+      return self[np.array([index])][0]
+    else:
+      positions = np.asarray(index).tolist()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(self.threads) as pool:
+      images = list(pool.map(self._load, [self.files[i] for i in positions]))
+    return np.stack(images) if images else np.zeros((0, *self.shape[1:]), np.float32)
+
+  def _load(self, path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+      im = im.convert('RGB')
+      w, h = im.size
+      scale = self.resize / min(w, h)
+      w, h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+      im = im.resize((w, h), Image.BILINEAR)
+      left, top = (w - self.size) // 2, (h - self.size) // 2
+      im = im.crop((left, top, left + self.size, top + self.size))
+      x = np.asarray(im, np.float32) / np.float32(255.0)
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _image_files(split_dir: Path, classes: tuple[str, ...]) -> tuple[list[Path], np.ndarray]:
+  files, labels = [], []
+  for label, name in enumerate(classes):
+    found = sorted(
+      p for p in (split_dir / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    files += found
+    labels += [label] * len(found)
+  if not files:
+    raise FileNotFoundError(
+      f'{split_dir} holds no images ({", ".join(IMAGE_EXTENSIONS)}) in its class folders.'
+    )
+  return files, np.asarray(labels, np.int32)
+
+
+def imagenet_images(files: ImageNetFiles, *, image_size: int = 224, resize: int = 256) -> Dataset:
+  """ImageNet as a :class:`Dataset` of lazily decoded images, labelled by class folder.
+
+  Training images are resized to ``resize`` on the shorter side and center-cropped to
+  ``resize x resize``; :func:`augment_imagenet` then takes a random ``image_size`` crop and
+  flip on the device. Validation images get the standard ``resize`` → center ``image_size``
+  crop. (Random-resized-crop scale augmentation is not implemented.)
+
+  Args:
+    files: what :func:`imagenet` returned.
+    image_size: the side the model sees.
+    resize: the shorter side after resizing.
+
+  Returns:
+    A :class:`Dataset` whose ``x_train`` and ``x_test`` are :class:`ImageFolderArray` s.
+  """
+  train_files, y_train = _image_files(files.train, files.classes)
+  val_files, y_val = _image_files(files.val, files.classes)
+  return Dataset(
+    ImageFolderArray(train_files, resize, resize),
+    y_train,
+    ImageFolderArray(val_files, image_size, resize),
+    y_val,
+    len(files.classes),
+    'imagenet',
+  )
+
+
 class SquadFiles(NamedTuple):
-  """Where a SQuAD v1.1 copy lies."""
+  """Where a SQuAD v1.1 copy and the BERT vocabulary lie."""
 
   root: Path
   train: Path
   dev: Path
+  vocab: Path
 
 
 def squad(path: PathLike | None) -> SquadFiles:
-  """Checks that SQuAD v1.1's two JSON files are present and returns their paths (no pipeline).
+  """Checks that SQuAD v1.1's two JSON files and a BERT ``vocab.txt`` are present.
 
-  Expects ``path/train-v1.1.json`` and ``path/dev-v1.1.json``. Tokenisation and feature
-  building are out of scope here.
+  Expects ``path/train-v1.1.json``, ``path/dev-v1.1.json`` and ``path/vocab.txt`` (the
+  WordPiece vocabulary of the checkpoint to fine-tune, e.g. ``bert-base-uncased``).
 
   Args:
     path: the directory that holds the files.
@@ -306,17 +422,36 @@ def squad(path: PathLike | None) -> SquadFiles:
   Raises:
     FileNotFoundError: a file is missing; the message says what was expected.
   """
-  names = ('train-v1.1.json', 'dev-v1.1.json')
+  names = ('train-v1.1.json', 'dev-v1.1.json', 'vocab.txt')
   root = Path(path).expanduser() if path is not None else None
   missing = names if root is None else [n for n in names if not (root / n).is_file()]
   if missing:
     raise FileNotFoundError(
       f'SQuAD v1.1 was not found at {path!s}: missing {", ".join(missing)}. Expected the files '
-      f'{names[0]} and {names[1]} in that directory. Nothing is downloaded automatically: get them '
-      f'from {SQUAD_URL} (dataset/train-v1.1.json and dataset/dev-v1.1.json), then pass the '
-      'directory (--set data_dir=...).'
+      f'{", ".join(names)} in that directory. Nothing is downloaded automatically: get the JSON files '
+      f'from {SQUAD_URL} (dataset/train-v1.1.json and dataset/dev-v1.1.json) and vocab.txt with the '
+      'BERT checkpoint (e.g. bert-base-uncased), then pass the directory (--set data_dir=...).'
     )
-  return SquadFiles(root, root / names[0], root / names[1])
+  return SquadFiles(root, root / names[0], root / names[1], root / names[2])
+
+
+def squad_features(files: SquadFiles, *, lower: bool = True) -> Dataset:
+  """SQuAD as BERT features: ``x [N, 2, 384]`` (token and token-type ids), ``y [N, 2]`` (span).
+
+  Args:
+    files: what :func:`squad` returned.
+    lower: lower-case (for ``uncased`` vocabularies).
+
+  Returns:
+    A :class:`Dataset` whose ``eval_data`` holds the dev :class:`~experiments.squad.Features`
+    for exact match and F1.
+  """
+  from experiments import squad as squad_lib
+
+  tok = squad_lib.WordPiece.from_file(files.vocab, lower=lower)
+  train = squad_lib.featurize(squad_lib.read_examples(files.train), tok)
+  dev = squad_lib.featurize(squad_lib.read_examples(files.dev), tok)
+  return Dataset(train.x, train.y, dev.x, dev.y, 2, 'squad', eval_data=dev)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -359,25 +494,59 @@ def batches(
     yield x[idx], y[idx]
 
 
-def augment_cifar(x: jax.Array, key: jax.Array, *, padding: int = 4) -> jax.Array:
-  """Random crop after zero padding, and random horizontal flip, per image (jit-able).
-
-  The standard CIFAR augmentation (torchvision's ``RandomCrop(32, padding=4)`` then
-  ``RandomHorizontalFlip()``) for a batch of NHWC images; the output has the input's shape.
+def random_crop_flip(x: jax.Array, key: jax.Array, *, size: int, padding: int = 0) -> jax.Array:
+  """A random ``size x size`` crop of each zero-padded image, and a random horizontal flip (jit-able).
 
   Args:
     x: images ``[B, H, W, C]``.
     key: a JAX PRNG key.
-    padding: zero padding on each side before cropping back to ``H x W``.
+    size: the side of the crops (at most ``H + 2 · padding`` and ``W + 2 · padding``).
+    padding: zero padding on each side before cropping.
 
   Returns:
-    The augmented batch, ``[B, H, W, C]``.
+    The augmented batch, ``[B, size, size, C]``.
   """
   b, h, w, c = x.shape
+  if size > min(h, w) + 2 * padding:
+    raise ValueError(f'Cannot crop {size}x{size} out of {h}x{w} images padded by {padding}.')
   k_y, k_x, k_flip = jax.random.split(key, 3)
-  dy = jax.random.randint(k_y, (b,), 0, 2 * padding + 1)
-  dx = jax.random.randint(k_x, (b,), 0, 2 * padding + 1)
+  dy = jax.random.randint(k_y, (b,), 0, h + 2 * padding - size + 1)
+  dx = jax.random.randint(k_x, (b,), 0, w + 2 * padding - size + 1)
   flip = jax.random.bernoulli(k_flip, 0.5, (b,))
   padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  crop = jax.vmap(lambda im, i, j: jax.lax.dynamic_slice(im, (i, j, 0), (h, w, c)))(padded, dy, dx)
+  crop = jax.vmap(lambda im, i, j: jax.lax.dynamic_slice(im, (i, j, 0), (size, size, c)))(padded, dy, dx)
   return jnp.where(flip[:, None, None, None], crop[:, :, ::-1], crop)
+
+
+def augment_cifar(x: jax.Array, key: jax.Array, *, padding: int = 4) -> jax.Array:
+  """The standard CIFAR augmentation: torchvision's ``RandomCrop(32, padding=4)`` and
+  ``RandomHorizontalFlip()`` for a batch of square NHWC images; the output has the input's shape."""
+  return random_crop_flip(x, key, size=x.shape[1], padding=padding)
+
+
+def augment_imagenet(x: jax.Array, key: jax.Array, *, size: int = 224) -> jax.Array:
+  """A random ``size`` crop and flip of the 256x256 training images of :func:`imagenet_images`."""
+  return random_crop_flip(x, key, size=size)
+
+
+def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+  """Runs ``iterator`` in a background thread, ``depth`` items ahead (decoding overlaps training)."""
+  import queue
+  import threading
+
+  items: queue.Queue = queue.Queue(depth)
+  done = object()
+
+  def fill():
+    try:
+      for item in iterator:
+        items.put(item)
+    except BaseException as e:  # handed to the consumer, which re-raises it
+      items.put(e)
+    items.put(done)
+
+  threading.Thread(target=fill, daemon=True).start()
+  while (item := items.get()) is not done:
+    if isinstance(item, BaseException):
+      raise item
+    yield item

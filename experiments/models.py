@@ -16,8 +16,10 @@ per weight, so that the ZIG analysis sees the same structure a reader does.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -370,6 +372,113 @@ class BertEncoder(nn.Module):
         self.num_labels, kernel_init=_normal02, dtype=self.dtype, param_dtype=self.param_dtype, name='head'
       )(x)
     return x
+
+
+class BertForSpans(nn.Module):
+  """BERT with a start/end span head (SQuAD), over stacked ids ``x [batch, 2, length]``.
+
+  ``x[:, 0]`` holds the token ids and ``x[:, 1]`` the token-type ids (one input array, so the
+  model fits the training loop's ``apply(variables, x)``). Returns ``[batch, length, 2]``.
+  The encoder is the submodule ``bert`` (see :func:`load_hf_bert`).
+  """
+
+  encoder: dict = dataclasses.field(default_factory=dict)  # BertEncoder fields (default BERT-base)
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    return BertEncoder(**{**self.encoder, 'num_labels': 2}, name='bert')(x[:, 0], x[:, 1], train=train)
+
+
+# Hugging Face BERT names (after the layer prefix) → ours, and whether the array is transposed.
+_HF_LAYER = {
+  'attention.self.query': ('attention/query', True),
+  'attention.self.key': ('attention/key', True),
+  'attention.self.value': ('attention/value', True),
+  'attention.output.dense': ('attention/output', True),
+  'attention.output.LayerNorm': ('attention_norm', False),
+  'intermediate.dense': ('mlp_in', True),
+  'output.dense': ('mlp_out', True),
+  'output.LayerNorm': ('mlp_norm', False),
+}
+_HF_EMBEDDINGS = {
+  'embeddings.word_embeddings': 'word_embeddings',
+  'embeddings.position_embeddings': 'position_embeddings',
+  'embeddings.token_type_embeddings': 'token_type_embeddings',
+  'embeddings.LayerNorm': 'embeddings_norm',
+}
+
+
+def _hf_to_ours(name: str) -> tuple[str, bool] | None:
+  """Our ``module/.../param`` path for a Hugging Face BERT tensor name, and whether to transpose."""
+  name = name.removeprefix('bert.')
+  module, _, leaf = name.rpartition('.')
+  if module == 'qa_outputs':
+    return ('head/' + ('kernel' if leaf == 'weight' else 'bias'), leaf == 'weight')
+  if module in _HF_EMBEDDINGS:
+    ours = _HF_EMBEDDINGS[module]
+    if module.endswith('LayerNorm'):
+      return (f'{ours}/' + {'weight': 'scale', 'gamma': 'scale', 'bias': 'bias', 'beta': 'bias'}[leaf], False)
+    return (f'{ours}/embedding', False)
+  m = re.fullmatch(r'encoder\.layer\.(\d+)\.(.+)', module)
+  if m is None or m.group(2) not in _HF_LAYER:
+    return None
+  ours, transpose = _HF_LAYER[m.group(2)]
+  if ours.endswith('norm'):
+    return (
+      f'layer_{m.group(1)}/{ours}/' + {'weight': 'scale', 'gamma': 'scale', 'beta': 'bias'}.get(leaf, leaf),
+      False,
+    )
+  return (
+    f'layer_{m.group(1)}/{ours}/' + ('kernel' if leaf == 'weight' else 'bias'),
+    transpose and leaf == 'weight',
+  )
+
+
+def load_hf_bert(path: str, variables: dict) -> dict:
+  """Variables with BERT's pretrained weights from a Hugging Face ``model.safetensors`` file.
+
+  Works for :class:`BertEncoder` and :class:`BertForSpans` (whose encoder is ``bert``).
+  Linear weights are transposed to Flax's ``[in, out]``; the pooler and the pre-training heads
+  are ignored, and a tensor missing from the file (e.g. a fresh span head) keeps its
+  initialisation. Nothing passed in is modified.
+
+  Args:
+    path: the ``.safetensors`` file of a BERT checkpoint (``bert-base-uncased`` and the like).
+    variables: the model's initialised variables.
+
+  Returns:
+    New variables.
+
+  Raises:
+    ValueError: a tensor's shape differs from the model's (both shapes are named), or the file
+      holds no BERT encoder tensor.
+  """
+  from safetensors.numpy import load_file
+
+  params = variables['params']
+  root = params['bert'] if 'bert' in params else params
+  flat = {'/'.join(str(k.key) for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(root)[0]}
+  loaded = 0
+  for name, value in load_file(path).items():
+    hit = _hf_to_ours(name)
+    if hit is None or hit[0] not in flat:
+      continue
+    ours, transpose = hit
+    value = value.T if transpose else value
+    if value.shape != flat[ours].shape:
+      raise ValueError(
+        f"{name} has shape {value.shape} in {path}, but the model's {ours} has {flat[ours].shape}."
+      )
+    flat[ours] = jnp.asarray(value, flat[ours].dtype)
+    loaded += 1
+  if not loaded:
+    raise ValueError(
+      f'{path} holds no BERT encoder tensor (names like bert.encoder.layer.0.attention.self.query.weight).'
+    )
+  treedef = jax.tree_util.tree_structure(root)
+  new_root = jax.tree_util.tree_unflatten(treedef, list(flat.values()))
+  new_params = {**params, 'bert': new_root} if 'bert' in params else new_root
+  return {**variables, 'params': new_params}
 
 
 # ---------------------------------------------------------------------------------------------

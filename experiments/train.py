@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import oto_jax
-from experiments import baselines, models
+from experiments import baselines, models, squad
 from experiments import data as data_lib
 from experiments.configs import CONFIGS, Config
 
@@ -85,18 +85,25 @@ class Conv1DNet(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {
-  'digits_vgg': lambda c: DigitsVGG(num_classes=c),
-  'digits_resnet': lambda c: models.ResNet(
-    stage_sizes=(1, 1, 1), block='basic', width=16, num_classes=c, cifar_stem=True
+# Each builds a model for a number of classes; keyword arguments (``model_kwargs`` of the config)
+# override the defaults.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+  'digits_vgg': lambda c, **kw: DigitsVGG(**{'num_classes': c, **kw}),
+  'digits_resnet': lambda c, **kw: models.ResNet(
+    **{'stage_sizes': (1, 1, 1), 'block': 'basic', 'width': 16, 'num_classes': c, 'cifar_stem': True, **kw}
   ),
-  'mnist1d_cnn': lambda c: Conv1DNet(num_classes=c),
-  'vgg16': lambda c: models.VGG(batch_norm=False, num_classes=c),
-  'vgg16_bn': lambda c: models.VGG(batch_norm=True, num_classes=c),
-  'resnet50_cifar': lambda c: models.ResNet50(num_classes=c, cifar_stem=True),
-  'resnet50': lambda c: models.ResNet50(num_classes=c),
-  'bert_base': lambda c: models.BertEncoder(num_labels=c),
+  'mnist1d_cnn': lambda c, **kw: Conv1DNet(**{'num_classes': c, **kw}),
+  'vgg16': lambda c, **kw: models.VGG(**{'batch_norm': False, 'num_classes': c, **kw}),
+  'vgg16_bn': lambda c, **kw: models.VGG(**{'batch_norm': True, 'num_classes': c, **kw}),
+  'resnet50_cifar': lambda c, **kw: models.ResNet50(**{'num_classes': c, 'cifar_stem': True, **kw}),
+  'resnet50': lambda c, **kw: models.ResNet50(**{'num_classes': c, **kw}),
+  'bert_squad': lambda c, **kw: models.BertForSpans(**kw),  # always two outputs: start and end
 }
+
+
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+  """The config's model, with its ``model_kwargs``."""
+  return MODELS[cfg.model](num_classes, **cfg.model_kwargs)
 
 
 def load_data(cfg: Config, seed: int) -> data_lib.Dataset:
@@ -109,17 +116,9 @@ def load_data(cfg: Config, seed: int) -> data_lib.Dataset:
     norm = lambda x: (x - data_lib.CIFAR10_MEAN) / data_lib.CIFAR10_STD  # noqa: E731
     return ds._replace(x_train=norm(ds.x_train), x_test=norm(ds.x_test))
   if cfg.dataset == 'imagenet':
-    files = data_lib.imagenet(cfg.data_dir)
-    raise NotImplementedError(
-      f'ImageNet was found at {files}, but its input pipeline (JPEG decoding, resizing) is not part of '
-      'oto_jax yet; the configuration and the model are ready.'
-    )
+    return data_lib.imagenet_images(data_lib.imagenet(cfg.data_dir))
   if cfg.dataset == 'squad':
-    files = data_lib.squad(cfg.data_dir)
-    raise NotImplementedError(
-      f'SQuAD was found at {files}, but tokenisation and the span head are not part of oto_jax yet; the '
-      'configuration is ready.'
-    )
+    return data_lib.squad_features(data_lib.squad(cfg.data_dir))
   raise ValueError(f'Unknown dataset {cfg.dataset!r}.')
 
 
@@ -247,9 +246,11 @@ def train(
   import orbax.checkpoint as ocp
   from tqdm.auto import tqdm
 
-  model = MODELS[cfg.model](ds.num_classes)
-  x0 = jnp.asarray(ds.x_train[:1])
+  model = build_model(cfg, ds.num_classes)
+  x0 = jnp.asarray(ds.x_test[:1])  # the evaluation shape (training inputs may be cropped on device)
   variables = jax.jit(model.init)(jax.random.key(seed), x0)
+  if cfg.init_checkpoint:
+    variables = models.load_hf_bert(cfg.init_checkpoint, variables)
   part = oto_jax.zig_partition(model.apply, variables, x0) if kind != 'dense' else None
   steps_per_epoch = max(1, len(ds.x_train) // cfg.batch_size)
   tx = make_optimizer(cfg, 'dense' if kind == 'l1' else kind, part, steps_per_epoch)
@@ -283,7 +284,8 @@ def train(
   def step(params, stats, opt_state, mask, x, y, key):
     augment_key, dropout_key = jax.random.split(key)
     if cfg.augment:
-      x = data_lib.augment_cifar(x, augment_key)
+      augment = data_lib.augment_imagenet if cfg.dataset == 'imagenet' else data_lib.augment_cifar
+      x = augment(x, augment_key)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, stats), grads = grad_fn(params, stats, x, y, dropout_key)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -316,9 +318,8 @@ def train(
       params = jax.device_put(part.zero(params, pruned_ids), state_sharding[0])
       mask = jax.device_put(part.zero(mask, pruned_ids), mask_sharding)
     losses = []
-    for i, (xb, yb) in enumerate(
-      data_lib.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed, epoch=epoch)
-    ):
+    epoch_batches = data_lib.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed, epoch=epoch)
+    for i, (xb, yb) in enumerate(data_lib.prefetch(epoch_batches)):
       key = jax.random.fold_in(jax.random.key(seed), epoch * steps_per_epoch + i)
       xb, yb = jax.device_put((xb, yb), batch_sharding)
       params, stats, opt_state, loss = step(params, stats, opt_state, mask, xb, yb, key)
@@ -395,7 +396,7 @@ def run_experiment(
   ds = load_data(cfg, seed)
   results: dict[str, Any] = {'config': dataclasses.asdict(cfg), 'seed': seed, 'devices': len(jax.devices())}
   t0 = time.perf_counter()
-  model = MODELS[cfg.model](ds.num_classes)
+  model = build_model(cfg, ds.num_classes)
   apply = jax.jit(lambda v, x: model.apply(v, x))
 
   def fit(kind: str, ckpt: str, **kwargs: Any) -> Run:
@@ -404,16 +405,21 @@ def run_experiment(
       cfg, kind, ds, seed=seed, ckpt_dir=ckpt_dir, resume=resume, fsdp=fsdp, progress=progress, **kwargs
     )
 
+  def score(name: str, fn: Callable, variables: Any) -> None:
+    results[f'{name}_acc'] = _accuracy(fn, variables, ds.x_test, ds.y_test)
+    if ds.eval_data is not None:  # SQuAD: exact match and F1 over the dev questions
+      results[f'{name}_squad'] = squad.evaluate(fn, variables, ds.eval_data)
+
   if cfg.dense_baseline:
     dense = fit('dense', 'ckpt_dense')
-    results['dense_acc'] = _accuracy(apply, dense.variables, ds.x_test, ds.y_test)
+    score('dense', apply, dense.variables)
     results['dense_history'] = dense.history
   oto = fit(cfg.optimizer, 'ckpt_oto')
   part = oto.partition
   sub = oto_jax.construct_subnet(part, oto.variables)
   slim_apply = jax.jit(sub.apply)
-  results['oto_acc'] = _accuracy(apply, oto.variables, ds.x_test, ds.y_test)
-  results['slim_acc'] = _accuracy(slim_apply, sub.variables, ds.x_test, ds.y_test)
+  score('oto', apply, oto.variables)
+  score('slim', slim_apply, sub.variables)
   results['oto_history'] = oto.history
   rep = sub.report()
   results.update(rep.to_dict())
@@ -425,7 +431,7 @@ def run_experiment(
   if cfg.l1_baseline:
     l1 = fit('l1', 'ckpt_l1', flops_keep=results['flops_remaining'])
     l1_sub = oto_jax.construct_subnet(l1.partition, l1.variables, zig_ids=l1.pruned_ids)
-    results['l1_acc'] = _accuracy(jax.jit(l1_sub.apply), l1_sub.variables, ds.x_test, ds.y_test)
+    score('l1', jax.jit(l1_sub.apply), l1_sub.variables)
     results['l1_flops_remaining'] = l1_sub.report().to_dict()['flops_remaining']
     results['l1_history'] = l1.history
   results['seconds'] = time.perf_counter() - t0
@@ -446,6 +452,11 @@ def markdown(r: dict) -> str:
     ('dense accuracy', f'{100 * r["dense_acc"]:.2f}%' if 'dense_acc' in r else '-'),
     (f'OTO ({r["config"]["optimizer"]}) full-model accuracy', f'{100 * r["oto_acc"]:.2f}%'),
     ('slim-model accuracy', f'{100 * r["slim_acc"]:.2f}%'),
+    *(
+      (f'{label} SQuAD dev EM / F1', f'{r[k]["exact_match"]:.2f} / {r[k]["f1"]:.2f}')
+      for label, k in (('dense', 'dense_squad'), ('OTO', 'oto_squad'), ('slim', 'slim_squad'))
+      if k in r
+    ),
     *(
       [
         (

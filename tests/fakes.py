@@ -22,3 +22,65 @@ def write_fake_cifar(
       pickle.dump(batch, f)
     raw[name] = (rows, labels)
   return raw
+
+
+def write_fake_imagenet(root: Path, rng: np.random.Generator, per_class: int = 3) -> tuple[str, ...]:
+  """Writes train/ and val/ with two class folders of small random images (JPEG, PNG, grayscale,
+  portrait and landscape); returns the class names."""
+  from PIL import Image
+
+  classes = ('n01440764', 'n01443537')
+  for split in ('train', 'val'):
+    for c, name in enumerate(classes):
+      d = root / split / name
+      d.mkdir(parents=True)
+      for i in range(per_class):
+        h, w = (40, 30) if i % 2 else (30, 52)
+        if i == 2:
+          Image.fromarray(rng.integers(0, 256, (h, w), np.uint8), 'L').save(d / f'img{i}.JPEG')
+        else:
+          ext = 'png' if (i + c) % 3 == 0 else 'JPEG'
+          Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(d / f'img{i}.{ext}')
+      (d / 'notes.txt').write_text('not an image')
+  return classes
+
+
+FAKE_SQUAD_CONTEXT = "The Broncos defeated the Panthers in Super Bowl 50, played at Levi's Stadium in 2016."
+
+
+def write_fake_squad(root: Path) -> None:
+  """Writes train-v1.1.json, dev-v1.1.json and a small WordPiece vocab.txt covering them."""
+  import json
+
+  qas = [
+    {
+      'id': 'q1',
+      'question': 'Who defeated the Panthers?',
+      'answers': [{'text': 'The Broncos', 'answer_start': 0}],
+    },
+    {
+      'id': 'q2',
+      'question': 'Where was Super Bowl 50 played?',
+      'answers': [
+        {'text': "Levi's Stadium", 'answer_start': FAKE_SQUAD_CONTEXT.index('Levi')},
+        {'text': "at Levi's Stadium", 'answer_start': FAKE_SQUAD_CONTEXT.index('at Levi')},
+      ],
+    },
+    {
+      'id': 'q3',
+      'question': 'In which year?',
+      'answers': [{'text': '2016', 'answer_start': FAKE_SQUAD_CONTEXT.index('2016')}],
+    },
+  ]
+  doc = {
+    'version': '1.1',
+    'data': [{'title': 'SB50', 'paragraphs': [{'context': FAKE_SQUAD_CONTEXT, 'qas': qas}]}],
+  }
+  root.mkdir(parents=True, exist_ok=True)
+  for name in ('train-v1.1.json', 'dev-v1.1.json'):
+    (root / name).write_text(json.dumps(doc))
+  words = (
+    "[PAD] [UNK] [CLS] [SEP] the bro ##ncos defeated panthers in super bowl 50 , played at levi ' s stadium"
+  )
+  words += ' 2016 . who ? where was which year'
+  (root / 'vocab.txt').write_text('\n'.join(words.split()) + '\n')

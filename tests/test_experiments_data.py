@@ -18,7 +18,7 @@ import pytest
 
 import oto_jax
 from experiments import convex, data
-from tests.fakes import write_fake_cifar
+from tests.fakes import write_fake_cifar, write_fake_imagenet
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10, ImageNet and SQuAD on disk.
@@ -88,6 +88,52 @@ def test_imagenet_layout(tmp_path):
     data.imagenet(tmp_path)
 
 
+def test_imagenet_images_decode_lazily(tmp_path):
+  """Images are labelled by class folder, resized on the short side, center-cropped and
+  normalised exactly as written here with PIL; every kind of index works."""
+  from PIL import Image
+
+  classes = write_fake_imagenet(tmp_path, np.random.default_rng(0))
+  ds = data.imagenet_images(data.imagenet(tmp_path), image_size=16, resize=20)
+  assert ds.num_classes == 2 and ds.x_train.shape == (6, 20, 20, 3) and ds.x_test.shape == (6, 16, 16, 3)
+  np.testing.assert_array_equal(ds.y_train, [0, 0, 0, 1, 1, 1])
+  path = ds.x_test.files[4]
+  assert path.parent.name == classes[1]
+  with Image.open(path) as im:
+    im = im.convert('RGB')
+    w, h = im.size
+    s = 20 / min(w, h)
+    w, h = round(w * s), round(h * s)
+    im = im.resize((w, h), Image.BILINEAR)
+    im = im.crop(((w - 16) // 2, (h - 16) // 2, (w - 16) // 2 + 16, (h - 16) // 2 + 16))
+  want = (np.asarray(im, np.float32) / 255 - data.IMAGENET_MEAN) / data.IMAGENET_STD
+  np.testing.assert_allclose(ds.x_test[4], want, rtol=1e-6)
+  np.testing.assert_array_equal(ds.x_test[np.array([4, 0])][0], ds.x_test[4])
+  np.testing.assert_array_equal(ds.x_test[3:5][1], ds.x_test[4])
+  assert ds.x_test[:0].shape == (0, 16, 16, 3)
+  xb, yb = next(data.batches(ds.x_train, ds.y_train, 4, seed=0, epoch=0))
+  assert xb.shape == (4, 20, 20, 3) and yb.shape == (4,)
+  crops = jax.jit(data.augment_imagenet, static_argnames='size')(jnp.asarray(xb), jax.random.key(0), size=16)
+  assert crops.shape == (4, 16, 16, 3)
+  with pytest.raises(ValueError, match='Cannot crop'):
+    data.random_crop_flip(jnp.asarray(xb), jax.random.key(0), size=30)
+  (tmp_path / 'empty' / 'train' / 'a').mkdir(parents=True)
+  (tmp_path / 'empty' / 'val' / 'a').mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match='holds no images'):
+    data.imagenet_images(data.imagenet(tmp_path / 'empty'))
+
+
+def test_prefetch_keeps_order_and_reraises():
+  assert list(data.prefetch(iter(range(7)), depth=2)) == list(range(7))
+
+  def broken():
+    yield 1
+    raise RuntimeError('decode failed')
+
+  with pytest.raises(RuntimeError, match='decode failed'):
+    list(data.prefetch(broken()))
+
+
 def test_squad_layout(tmp_path):
   with pytest.raises(FileNotFoundError, match='train-v1.1.json, dev-v1.1.json'):
     data.squad(tmp_path)
@@ -97,8 +143,12 @@ def test_squad_layout(tmp_path):
   with pytest.raises(FileNotFoundError, match='missing dev-v1.1.json'):
     data.squad(tmp_path)
   (tmp_path / 'dev-v1.1.json').write_text('{}')
+  with pytest.raises(FileNotFoundError, match='missing vocab.txt'):
+    data.squad(tmp_path)
+  (tmp_path / 'vocab.txt').write_text('[PAD]\n')
   files = data.squad(tmp_path)
   assert files.train == tmp_path / 'train-v1.1.json' and files.dev == tmp_path / 'dev-v1.1.json'
+  assert files.vocab == tmp_path / 'vocab.txt'
 
 
 # ---------------------------------------------------------------------------------------------

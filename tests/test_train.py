@@ -12,9 +12,8 @@ import pytest
 
 import oto_jax
 from experiments import baselines, train
-from experiments import data as data_lib
 from experiments.configs import CONFIGS
-from tests.fakes import write_fake_cifar
+from tests.fakes import write_fake_cifar, write_fake_imagenet, write_fake_squad
 
 TINY = dict(epochs=2, start_pruning_epoch=0, pruning_epochs=2, pruning_periods=2, lr_decay_epochs=())
 
@@ -160,23 +159,29 @@ def test_cifar_configs_run_on_a_fake_dataset(name, tmp_path):
   assert r['slim_acc'] == r['oto_acc']
 
 
-@pytest.mark.parametrize('name', ['imagenet_resnet50', 'squad_bert'])
-def test_imagenet_and_squad_configs_train_on_synthetic_data(name):
-  """Their data pipelines are missing (see the README), but the model, loss and optimizer of each
-  set-up train a few steps on synthetic inputs of the right kind."""
-  cfg = CONFIGS[name].replace(epochs=1, batch_size=4)
-  rng = np.random.default_rng(0)
-  if name == 'squad_bert':  # token ids; the labels are span (start, end) positions
-    x = rng.integers(1, 1000, (8, 16)).astype(np.int32)
-    y = np.sort(rng.integers(0, 16, (8, 2)), axis=1).astype(np.int32)
-    classes = 2
-  else:
-    x = rng.normal(size=(8, 64, 64, 3)).astype(np.float32)
-    y = rng.integers(0, 1000, 8).astype(np.int32)
-    classes = 1000
-  ds = data_lib.Dataset(x, y, x[:4], y[:4], classes, name)
+def test_imagenet_config_trains_on_a_fake_image_folder(tmp_path):
+  """imagenet_resnet50 reads a fake ImageNet folder (decoded lazily, cropped to 224 on device)
+  and trains ResNet-50 for an epoch."""
+  write_fake_imagenet(tmp_path / 'imagenet', np.random.default_rng(0), per_class=2)
+  cfg = CONFIGS['imagenet_resnet50'].replace(epochs=1, batch_size=2, data_dir=str(tmp_path / 'imagenet'))
+  ds = train.load_data(cfg, 0)
+  assert ds.x_train.shape[1:] == (256, 256, 3) and ds.x_test.shape[1:] == (224, 224, 3)
   run = train.train(cfg, cfg.optimizer, ds, seed=0, progress=False)
   assert np.isfinite(run.history[0]['loss']) and run.partition.num_zigs > 0
+
+
+def test_squad_config_runs_end_to_end_on_a_fake_dataset(tmp_path):
+  """squad_bert (with a tiny encoder) reads a fake SQuAD directory, trains with the span loss,
+  prunes, and reports exact match and F1 for the full and the slim model, which agree."""
+  write_fake_squad(tmp_path / 'squad')
+  tiny = dict(encoder=dict(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32))
+  cfg = CONFIGS['squad_bert'].replace(
+    epochs=1, batch_size=1, n_p_epoch=0, model_kwargs=tiny, data_dir=str(tmp_path / 'squad')
+  )
+  r = train.run_experiment(cfg.replace(dense_baseline=False), seed=0, out=None, progress=False)
+  assert np.isfinite(r['oto_history'][0]['loss'])
+  assert r['slim_squad'] == r['oto_squad'] and 0.0 <= r['oto_squad']['f1'] <= 100.0
+  assert 'SQuAD dev EM / F1' in train.markdown(r)
 
 
 _SHARDED_RUN = """

@@ -50,7 +50,7 @@ def _random_variables(shapes: Any, key: Array) -> Any:
   pool = np.asarray(jax.random.normal(key, (sum(leaf.size for _, leaf in flat),), jnp.float32))
   out, start = [], 0
   for path, leaf in flat:
-    noise = pool[start:start + leaf.size].reshape(leaf.shape)
+    noise = pool[start : start + leaf.size].reshape(leaf.shape)
     start += leaf.size
     name = _leaf_name(path)
     if name == 'kernel':
@@ -636,9 +636,7 @@ class ScanStack(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = nn.Dense(self.width)(x)
-    stack = nn.scan(
-      _ScanBody, variable_axes={'params': 0}, split_rngs={'params': True}, length=self.depth
-    )
+    stack = nn.scan(_ScanBody, variable_axes={'params': 0}, split_rngs={'params': True}, length=self.depth)
     x, _ = stack(self.hidden)(x, None)
     return nn.Dense(self.classes)(x)
 
