@@ -256,6 +256,11 @@ def train(
   tx = make_optimizer(cfg, 'dense' if kind == 'l1' else kind, part, steps_per_epoch)
   if kind == 'l1' and flops_keep is None:
     raise ValueError("kind='l1' needs flops_keep, the fraction of FLOPs the pruned model keeps.")
+  if kind == 'l1' and not 0 <= cfg.l1_prune_at < cfg.epochs:
+    raise ValueError(
+      f"The L1 baseline prunes at epoch {cfg.l1_prune_at}, outside the run's {cfg.epochs} epochs: set "
+      'l1_prune_epoch (or start_pruning_epoch + pruning_epochs) below epochs, or l1_baseline=False.'
+    )
   params, stats = variables['params'], variables.get('batch_stats', {})
   opt_state = tx.init(params)
   # The L1 baseline's mask of kept entries (all ones until it prunes).

@@ -48,7 +48,13 @@ def test_small_run_writes_results(name, tmp_path):
 def test_other_optimizers_run(kind):
   """Each optimizer trains a couple of epochs on digits and its subnet evaluates."""
   cfg = _tiny(
-    'digits_vgg', dense_baseline=False, optimizer=kind, n_p_epoch=1, target_sparsity=0.3, flops_keep=None
+    'digits_vgg',
+    dense_baseline=False,
+    l1_baseline=False,
+    optimizer=kind,
+    n_p_epoch=1,
+    target_sparsity=0.3,
+    flops_keep=None,
   )
   r = train.run_experiment(cfg, seed=0, out=None, progress=False)
   assert 0.0 <= r['slim_acc'] <= 1.0 and abs(r['slim_acc'] - r['oto_acc']) <= 1e-3
@@ -138,6 +144,8 @@ def test_l1_baseline_holds_pruned_zigs_at_zero_and_resumes_exactly(tmp_path):
   chex.assert_trees_all_close(a.variables, c.variables, rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match='flops_keep'):
     train.train(cfg, 'l1', ds, seed=0, progress=False)
+  with pytest.raises(ValueError, match='prunes at epoch 3, outside'):
+    train.train(cfg.replace(l1_prune_epoch=3), 'l1', ds, seed=0, progress=False, flops_keep=0.3)
 
 
 # ---------------------------------------------------------------------------------------------
