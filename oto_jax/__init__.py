@@ -4,43 +4,85 @@ Train a network once, from scratch, with a structured-sparsity optimizer, then s
 zero groups out and get a slimmer network that computes the same outputs.
 """
 
-from oto_jax.analysis import zig_partition as zig_partition
-from oto_jax.budgets import Budget as Budget
-from oto_jax.budgets import flops_budget as flops_budget
-from oto_jax.budgets import params_budget as params_budget
-from oto_jax.costs import CostModel as CostModel
-from oto_jax.dhspg import DHSPGState as DHSPGState
-from oto_jax.dhspg import dhspg as dhspg
-from oto_jax.hesso import HESSOState as HESSOState
-from oto_jax.hesso import hesso as hesso
-from oto_jax.hspg import HSPGState as HSPGState
-from oto_jax.hspg import hspg as hspg
-from oto_jax.hspg import prox_sg as prox_sg
-from oto_jax.metrics import count_flops as count_flops
-from oto_jax.metrics import count_params as count_params
-from oto_jax.metrics import group_sparsity as group_sparsity
-from oto_jax.metrics import zero_zigs as zero_zigs
-from oto_jax.native import NativeUnavailable as NativeUnavailable
-from oto_jax.partition import GroupEntry as GroupEntry
-from oto_jax.partition import NodeGroup as NodeGroup
-from oto_jax.partition import ZIGPartition as ZIGPartition
-from oto_jax.persistence import ExportedSubnet as ExportedSubnet
-from oto_jax.persistence import export_subnet as export_subnet
-from oto_jax.persistence import load_subnet as load_subnet
-from oto_jax.persistence import save_subnet as save_subnet
-from oto_jax.rules import Literal as Literal
-from oto_jax.rules import Zero as Zero
-from oto_jax.rules import elementwise as elementwise
-from oto_jax.segments import ZIGSegments as ZIGSegments
-from oto_jax.surgery import Subnet as Subnet
-from oto_jax.surgery import SubnetReport as SubnetReport
-from oto_jax.surgery import SurgeryError as SurgeryError
-from oto_jax.surgery import construct_subnet as construct_subnet
-from oto_jax.transforms import GroupLassoState as GroupLassoState
-from oto_jax.transforms import HalfSpaceState as HalfSpaceState
-from oto_jax.transforms import add_group_lasso as add_group_lasso
-from oto_jax.transforms import epsilon_by_layer as epsilon_by_layer
-from oto_jax.transforms import group_lasso_prox as group_lasso_prox
-from oto_jax.transforms import half_space_projection as half_space_projection
+from oto_jax.analysis import zig_partition
+from oto_jax.budgets import Budget, flops_budget, params_budget
+from oto_jax.costs import CostModel
+from oto_jax.dhspg import DHSPGState, dhspg
+from oto_jax.errors import AnalysisError, NativeUnavailable, OTOError, ShapeSpecificError, SurgeryError
+from oto_jax.hesso import HESSOState, hesso
+from oto_jax.hspg import HSPGState, hspg, prox_sg
+from oto_jax.ir import Literal, Program
+from oto_jax.metrics import count_flops, count_params, group_sparsity, zero_zigs
+from oto_jax.partition import GroupEntry, NodeGroup, ZIGPartition
+from oto_jax.persistence import ExportedSubnet, export_subnet, load_subnet, save_subnet
+from oto_jax.primitives import (
+  CostTerm,
+  PrimitiveEntry,
+  Zero,
+  elementwise,
+  register_primitive,
+  registered_primitives,
+  unregister_primitive,
+)
+from oto_jax.segments import ZIGSegments
+from oto_jax.surgery import Subnet, SubnetReport, construct_subnet
+from oto_jax.transforms import (
+  GroupLassoState,
+  HalfSpaceState,
+  add_group_lasso,
+  epsilon_by_layer,
+  group_lasso_prox,
+  half_space_projection,
+)
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
+
+__all__ = [
+  'AnalysisError',
+  'Budget',
+  'CostModel',
+  'CostTerm',
+  'DHSPGState',
+  'ExportedSubnet',
+  'GroupEntry',
+  'GroupLassoState',
+  'HESSOState',
+  'HSPGState',
+  'HalfSpaceState',
+  'Literal',
+  'NativeUnavailable',
+  'NodeGroup',
+  'OTOError',
+  'PrimitiveEntry',
+  'Program',
+  'ShapeSpecificError',
+  'Subnet',
+  'SubnetReport',
+  'SurgeryError',
+  'ZIGPartition',
+  'ZIGSegments',
+  'Zero',
+  'add_group_lasso',
+  'construct_subnet',
+  'count_flops',
+  'count_params',
+  'dhspg',
+  'elementwise',
+  'epsilon_by_layer',
+  'export_subnet',
+  'flops_budget',
+  'group_lasso_prox',
+  'group_sparsity',
+  'half_space_projection',
+  'hesso',
+  'hspg',
+  'load_subnet',
+  'params_budget',
+  'prox_sg',
+  'register_primitive',
+  'registered_primitives',
+  'save_subnet',
+  'unregister_primitive',
+  'zero_zigs',
+  'zig_partition',
+]

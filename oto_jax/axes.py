@@ -36,6 +36,13 @@ class AxisGraph:
     self.size.append(int(size))
     return len(self.parent) - 1
 
+  def extend(self, sizes: list[int]) -> int:
+    """Adds one node per size; returns the first new node."""
+    first = len(self.parent)
+    self.parent.extend(range(first, first + len(sizes)))
+    self.size.extend(sizes)
+    return first
+
   def find(self, a: int) -> int:
     parent = self.parent
     while parent[a] != a:
@@ -173,6 +180,28 @@ class AxisGraph:
     shape[pos] = -1
     full = np.broadcast_to(maps[pos][0].reshape(shape), [self.size[c] for c in kids])
     return full.reshape(-1).astype(np.int32), pos
+
+
+def reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+  """Pairs runs of axes of shape ``a`` and ``b`` with equal products (size-1 axes skipped)."""
+  ia = [i for i, s in enumerate(a) if s != 1]
+  ib = [i for i, s in enumerate(b) if s != 1]
+  out, i, j = [], 0, 0
+  while i < len(ia) and j < len(ib):
+    ga, gb = [ia[i]], [ib[j]]
+    pa, pb = a[ia[i]], b[ib[j]]
+    i, j = i + 1, j + 1
+    while pa != pb:
+      if pa < pb:
+        ga.append(ia[i])
+        pa *= a[ia[i]]
+        i += 1
+      else:
+        gb.append(ib[j])
+        pb *= b[ib[j]]
+        j += 1
+    out.append((ga, gb))
+  return out
 
 
 def _bounds(kind: str, sizes: list[int]) -> list[int]:

@@ -1,4 +1,4 @@
-"""FLOPs and parameter counts as exact functions of which ZIGs are kept.
+"""FLOPs, parameter counts and memory traffic as exact functions of which ZIGs are kept.
 
 Removing ZIG ``j`` removes its slice from every value and variable axis that carries its
 atom, so the cost of the slim model is a polynomial in the per-axis kept counts:
@@ -8,49 +8,36 @@ atom, so the cost of the slim model is a polynomial in the per-axis kept counts:
   n_a(\\text{keep}) = \\#\\{i : \\mathrm{zig}_a(i) = -1\\} + \\sum_{i : \\mathrm{zig}_a(i) \\ge 0}
   \\text{keep}[\\mathrm{zig}_a(i)]
 
-with one term per variable (parameters) or per equation of the traced program (FLOPs: two per
-multiply-accumulate of ``dot_general`` and convolutions, one per output element of other
-arithmetic, one per input element of reductions, none for data movement). Scan bodies count
-``length`` times; a while loop's body counts once (its trip count is unknown before it runs);
-a ``cond`` counts its most expensive branch.
+with one term per variable (parameters) or per cost term of an equation (FLOPs: each
+primitive's registry entry gives its own, e.g. two per multiply-accumulate of ``dot_general``
+and convolutions, one per output element of other arithmetic, one per input element of
+reductions, none for data movement; bytes: every operand and result read or written once).
+Scan bodies count ``length`` times; a while loop's body counts once (its trip count is unknown
+before it runs); a ``cond`` counts its most expensive branch. Costs are at the analysed input
+shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oto_jax.rules import Literal
-
-if TYPE_CHECKING:
-  from oto_jax.partition import ZIGPartition
-
-# Primitives that only move or relabel data: no arithmetic.
-DATA_MOVEMENT = frozenset(
-  'reshape transpose broadcast_in_dim convert_element_type squeeze expand_dims copy copy_p '
-  'concatenate split slice dynamic_slice dynamic_update_slice gather scatter pad rev iota '
-  'select_and_gather_add stop_gradient reduce_precision bitcast_convert_type sharding_constraint '
-  'device_put optimization_barrier empty zeros_like broadcast'.split()
-)
-# Reductions: one operation per input element.
-REDUCTIONS = frozenset(
-  'reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax argmin '
-  'cumsum cumprod cummax cummin cumlogsumexp reduce_window_sum reduce_window_max '
-  'reduce_window_min reduce_window sort'.split()
-)
+from oto_jax.axis_zigs import AxisZigs
+from oto_jax.ir import Call, Eqn, Literal, Loop, Program, evaluate_dim
+from oto_jax.primitives import CostTerm, all_axes, per_output
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CostModel:
-  """A model cost (FLOPs or parameters) as a function of the kept ZIGs.
+  """A model cost (FLOPs, parameters or bytes) as a function of the kept ZIGs.
 
   Attributes:
-    name: ``'flops'`` or ``'params'``.
+    name: ``'flops'``, ``'params'`` or ``'bytes'``.
     total: the cost of the full model.
     per_zig: float64 ``[num_zigs]``: how much removing each ZIG alone saves, to first order
       (exact unless the ZIG sits on two axes of one term, e.g. rows and columns of a kernel).
@@ -92,77 +79,22 @@ class CostModel:
     return float(np.sum(self.coef * np.prod(counts[self.factors], axis=1)) + self.constant)
 
 
-class AxisMaps:
-  """The ZIG ids along every axis of a partition's program.
+class _Shapes:
+  """The context a cost rule sees: value shapes at the analysed inputs."""
 
-  ``maps(node)`` gives one int array per independent factor of the axis: entry ``i`` is the
-  global ZIG id slice ``i`` belongs to, or -1. Atoms on disjoint slices (a concatenation)
-  share one array; atoms that are factors of one product (heads × head_dim) get one each, and
-  slice ``i`` is kept when it is kept in every array.
-  """
+  def __init__(self, program: Program):
+    self.values = program.values
 
-  def __init__(self, partition: ZIGPartition):
-    prog = partition.program
-    if prog is None:
-      raise ValueError('This partition carries no program; build it with oto_jax.zig_partition.')
-    self.ctx = prog.ctx
-    graph = self.ctx.graph
-    self.offsets = {
-      graph.find(a): g.zig_offset for g, a in zip(partition.node_groups, prog.group_atoms) if g.prunable
-    }
-    self.memo: dict[int, tuple[np.ndarray, ...]] = {}
-    self.atom_memo: dict[int, tuple] = {}
-
-  def __call__(self, node: int) -> tuple[np.ndarray, ...]:
-    graph = self.ctx.graph
-    r = graph.find(node)
-    hit = self.memo.get(r)
-    if hit is not None:
-      return hit
-    merged: list[np.ndarray] = []
-    for a in dict.fromkeys(graph.atoms_of(r, self.atom_memo)):
-      off = self.offsets.get(graph.find(a))
-      if off is None:
-        continue
-      try:
-        idx, _ = graph.index_map(r, a)
-      except ValueError:  # the atom twice in one product (an outer product with itself)
-        continue
-      m = np.where(idx >= 0, idx + off, -1).astype(np.int32)
-      for k, other in enumerate(merged):
-        if not np.any((m >= 0) & (other >= 0)):
-          merged[k] = np.maximum(other, m)
-          break
-      else:
-        merged.append(m)
-    self.memo[r] = out = tuple(merged)
-    return out
-
-  def kept(self, node: int, keep: np.ndarray) -> np.ndarray | None:
-    """The kept slice positions of an axis, or None when nothing on it is removed."""
-    maps = self(node)
-    if not maps:
-      return None
-    ok = np.ones(len(maps[0]), bool)
-    for m in maps:
-      ok &= (m < 0) | keep[np.maximum(m, 0)]
-    return None if ok.all() else np.nonzero(ok)[0]
-
-
-def axis_maps(partition: ZIGPartition) -> AxisMaps:
-  """The partition's :class:`AxisMaps` (cached)."""
-  if 'axis_maps' not in partition._cache:
-    partition._cache['axis_maps'] = AxisMaps(partition)
-  return partition._cache['axis_maps']
+  def shape(self, v) -> tuple[int, ...]:
+    return () if isinstance(v, Literal) else self.values.shapes[v]
 
 
 class _Builder:
-  """Collects cost terms over the axes of a partition's program."""
+  """Collects cost terms over the axes of an analysed program."""
 
-  def __init__(self, partition: ZIGPartition):
-    self.num_zigs = partition.num_zigs
-    self.maps = axis_maps(partition)
-    self.ctx = self.maps.ctx
+  def __init__(self, axes: AxisZigs, num_zigs: int):
+    self.num_zigs = num_zigs
+    self.maps = axes
     self.memo: dict[int, tuple] = {}
     self.axis_ids: dict[bytes, int] = {}
     self.axis_gids: list[np.ndarray] = []
@@ -171,13 +103,13 @@ class _Builder:
 
   def axis(self, node: int) -> tuple[tuple[int, ...], float]:
     """(axis-table ids, coefficient multiplier) for one axis node; () when nothing prunes it."""
-    r = self.ctx.graph.find(node)
+    r = self.maps.root(node)
     hit = self.memo.get(r)
     if hit is not None:
       return hit
-    size = self.ctx.graph.size[r]
+    size = self.maps.size(r)
     ids = []
-    for m in self.maps(r):
+    for m in self.maps.maps(r):
       key = m.tobytes()
       if key not in self.axis_ids:
         self.axis_ids[key] = len(self.axis_gids)
@@ -188,10 +120,10 @@ class _Builder:
     self.memo[r] = out
     return out
 
-  def add(self, coef: float, nodes) -> None:
+  def add(self, coef: float, axes: Iterable[tuple[int, int]]) -> None:
     ids: list[int] = []
-    for node in nodes:
-      got, mult = self.axis(node)
+    for v, ax in axes:
+      got, mult = self.axis(self.maps.node(v, ax))
       ids += got
       coef *= mult
     if coef == 0:
@@ -200,6 +132,11 @@ class _Builder:
       self.terms[tuple(sorted(ids))] += coef
     else:
       self.constant += coef
+
+  def full(self) -> float:
+    return self.constant + sum(
+      c * np.prod([len(self.axis_gids[i]) for i in k]) for k, c in self.terms.items()
+    )
 
   def build(self, name: str) -> CostModel:
     num_axes = len(self.axis_gids)
@@ -238,63 +175,66 @@ class _Builder:
     )
 
 
-def params_model(partition: ZIGPartition) -> CostModel:
+def params_model(program: Program, axes: AxisZigs, num_zigs: int, trainable: Iterable[bool]) -> CostModel:
   """The number of trainable parameters as a function of the kept ZIGs."""
-  b = _Builder(partition)
-  prog = partition.program
-  for path, v in zip(partition.variable_paths, prog.invars[: prog.num_variables]):
-    if path in partition.trainable_paths:
-      b.add(1.0, b.ctx.dims[v])
+  b = _Builder(axes, num_zigs)
+  values = program.values
+  for v, t in zip(program.variables, trainable):
+    if t:
+      b.add(1.0, [(v, ax) for ax in range(len(values.shapes[v]))])
   return b.build('params')
 
 
-def flops_model(partition: ZIGPartition) -> CostModel:
-  """The FLOPs of one call of the analysed function as a function of the kept ZIGs."""
-  b = _Builder(partition)
-  _flops_terms(b, partition.program.steps, 1.0)
+def flops_model(program: Program, axes: AxisZigs, num_zigs: int) -> CostModel:
+  """The FLOPs of one call of the analysed program as a function of the kept ZIGs."""
+  b = _Builder(axes, num_zigs)
+  _terms(b, program, program.steps, 1.0, _flops)
   return b.build('flops')
 
 
-def _flops_terms(b: _Builder, steps, times: float) -> None:
-  dims = b.ctx.dims
+def bytes_model(program: Program, axes: AxisZigs, num_zigs: int) -> CostModel:
+  """Bytes read and written by the equations, each operand and result once (no fusion)."""
+  b = _Builder(axes, num_zigs)
+  _terms(b, program, program.steps, 1.0, _bytes)
+  return b.build('bytes')
+
+
+def _flops(cx: _Shapes, eqn: Eqn) -> Iterable[CostTerm]:
+  return (eqn.entry.cost if eqn.entry is not None else per_output)(cx, eqn)
+
+
+def _bytes(cx: _Shapes, eqn: Eqn) -> Iterable[CostTerm]:
+  dtypes = cx.values.dtypes
+  out = []
+  for x in (*eqn.ins, *eqn.outs):
+    if isinstance(x, int) and dtypes[x] is not None:
+      out.append(CostTerm(float(np.dtype(dtypes[x]).itemsize), all_axes(cx, x)))
+  return out
+
+
+def _terms(b: _Builder, program: Program, steps, times: float, rule) -> None:
+  cx = _Shapes(program)
   for step in steps:
-    kind = step[0]
-    if kind == 'loop':
-      length = step[5]['length']
-      _flops_terms(b, step[1], times * (1 if length is None else length))
-      continue
-    if kind == 'cond':
+    if isinstance(step, Eqn):
+      for coef, axes in rule(cx, step):
+        b.add(coef * times, axes)
+    elif isinstance(step, Call):
+      _terms(b, program, step.body, times, rule)
+    elif isinstance(step, Loop):
+      n = 1 if step.length is None else evaluate_dim(step.length, program.signature.env)
+      _terms(b, program, step.cond + step.body, times * n, rule)
+    else:
       # Each branch on a scratch builder, to keep the most expensive at the full model.
       best, best_cost = None, -1.0
-      for br_steps, _ in step[1]:
+      for br in step.branches:
         trial = _Builder.__new__(_Builder)
         trial.__dict__.update(b.__dict__)
         trial.terms, trial.constant = defaultdict(float), 0.0
-        _flops_terms(trial, br_steps, times)
-        cost = trial.constant + sum(
-          c * np.prod([len(b.axis_gids[i]) for i in k]) for k, c in trial.terms.items()
-        )
+        _terms(trial, program, br.steps, times, rule)
+        cost = trial.full()
         if cost > best_cost:
           best, best_cost = trial, cost
       if best is not None:
         for k, c in best.terms.items():
           b.terms[k] += c
         b.constant += best.constant
-      continue
-    _, eqn, args, outs, _, _ = step
-    name = eqn.primitive.name
-    if name in DATA_MOVEMENT or not outs:
-      continue
-    if name == 'dot_general':
-      (lc, _), _ = eqn.params['dimension_numbers']
-      b.add(2.0 * times, list(dims[outs[0]]) + [dims[args[0]][ax] for ax in lc])
-    elif name == 'conv_general_dilated':
-      out_feature = eqn.params['dimension_numbers'].rhs_spec[0]
-      rhs = args[1]
-      b.add(2.0 * times, list(dims[outs[0]]) + [d for ax, d in enumerate(dims[rhs]) if ax != out_feature])
-    elif name in REDUCTIONS:
-      if not isinstance(args[0], Literal):
-        b.add(times, dims[args[0]])
-    else:
-      for o in outs:
-        b.add(times, dims[o])

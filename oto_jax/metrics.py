@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oto_jax.analysis import zig_partition
 from oto_jax.partition import ZIGPartition
 from oto_jax.transforms import fraction
 
@@ -75,6 +76,4 @@ def count_flops(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwar
 
     oto_jax.count_flops(model.apply, variables, x)
   """
-  from oto_jax.analysis import zig_partition
-
   return zig_partition(apply_fn, variables, *args, **kwargs).flops.total

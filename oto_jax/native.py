@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:
-  from oto_jax.surgery import Subnet
+from oto_jax.errors import NativeUnavailable
 
-
-class NativeUnavailable(NotImplementedError):
-  """The slim model cannot be expressed as the user's own Flax module; use ``Subnet.apply``."""
+# Functions here take a ``Subnet`` (oto_jax.surgery builds on this module, not the reverse).
+Subnet = Any
 
 
 def _shape(tree: Any, *keys: str) -> tuple[int, ...] | None:
@@ -101,7 +99,7 @@ def linen_module(subnet: Subnet) -> Any:
   """
   import flax.linen as nn
 
-  module = getattr(subnet.partition.program.apply_fn, '__self__', None)
+  module = subnet.partition.program.module
   if not isinstance(module, nn.Module):
     raise NativeUnavailable(
       'The partition was not built from a linen `module.apply`, so there is no module to slim; '
@@ -198,20 +196,17 @@ def nnx_model(subnet: Subnet, graphdef: Any) -> Any:
 
 def example_inputs(subnet: Subnet) -> tuple[tuple, dict]:
   """Deterministic inputs of the analysed shapes: normal floats, zero integers, static values."""
-  treedef, sig = subnet.partition.program.signature
-  key = jax.random.key(0)
+  sig = subnet.partition.program.signature
+  rng = np.random.default_rng(0)
   leaves = []
-  for kind, *rest in sig:
-    if kind == 'static':
-      leaves.append(rest[0])
-      continue
-    shape, dtype = rest
-    key, sub = jax.random.split(key)
-    if jnp.issubdtype(dtype, jnp.floating):
-      leaves.append(jax.random.normal(sub, shape, dtype))
+  for leaf in sig.leaves:
+    if leaf.static:
+      leaves.append(leaf.value)
+    elif jnp.issubdtype(leaf.dtype, jnp.floating):
+      leaves.append(jnp.asarray(rng.standard_normal(leaf.shape), leaf.dtype))
     else:
-      leaves.append(jnp.zeros(shape, dtype))
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+      leaves.append(jnp.zeros(leaf.shape, leaf.dtype))
+  return jax.tree_util.tree_unflatten(sig.treedef, leaves)
 
 
 def _verify(subnet: Subnet, fn, kind: str) -> None:

@@ -9,7 +9,7 @@ whole variables or one collection of them (e.g. only ``params``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -17,36 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from oto_jax import costs
+from oto_jax.axis_zigs import AxisZigs
+from oto_jax.ir import Program
+from oto_jax.paths import Path, path_of, path_str
 from oto_jax.segments import ZIGSegments
 
-Path = tuple[Any, ...]
-
-
-def path_of(key_path: Sequence[Any]) -> Path:
-  """Turns a jax key path into a plain tuple of dict keys, attribute names and indices.
-
-  NNX states wrap each array in a ``Variable`` whose array sits under ``.value``; that last
-  attribute is dropped so that a path names the variable (``('bn', 'scale')``).
-  """
-  out = []
-  for k in key_path:
-    if isinstance(k, jax.tree_util.DictKey):
-      out.append(k.key)
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      out.append(k.name)
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      out.append(k.idx)
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      out.append(k.key)
-    else:
-      out.append(str(k))
-  if out and out[-1] == 'value' and isinstance(key_path[-1], jax.tree_util.GetAttrKey):
-    out.pop()
-  return tuple(out)
-
-
-def path_str(path: Path) -> str:
-  return '/'.join(str(p) for p in path)
+__all__ = ['GroupEntry', 'NodeGroup', 'Path', 'ZIGPartition', 'path_of', 'path_str']
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -131,6 +107,7 @@ class ZIGPartition:
     variable_paths: paths of all leaves of the analysed variables, in flattening order.
     variable_shapes: their shapes.
     trainable_paths: the paths treated as trainable (an optimizer's domain).
+    program: the analysed :class:`~oto_jax.ir.Program` (None for :meth:`from_groups`).
   """
 
   node_groups: tuple[NodeGroup, ...]
@@ -138,8 +115,9 @@ class ZIGPartition:
   variable_paths: tuple[Path, ...]
   variable_shapes: tuple[tuple[int, ...], ...]
   trainable_paths: frozenset
-  # The analysed program, kept for subnet construction and cost accounting.
-  program: Any = dataclasses.field(default=None, repr=False)
+  # The analysed program and the ZIG ids along its axes, for the costs and the surgery.
+  program: Program | None = dataclasses.field(default=None, repr=False)
+  axes: AxisZigs | None = dataclasses.field(default=None, repr=False)
   # Layouts derived from the partition (segments per tree structure, cost models).
   _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -242,6 +220,26 @@ class ZIGPartition:
   # ---------------------------------------------------------------------------------------
   # Array-touching methods (pure, jit-able).
 
+  def _program(self) -> Program:
+    if self.program is None:
+      raise ValueError(
+        'This partition carries no program (it was built with ZIGPartition.from_groups); build it '
+        'with oto_jax.zig_partition for costs and subnets.'
+      )
+    return self.program
+
+  def _cost(self, name: str) -> costs.CostModel:
+    hit = self._cache.get(name)
+    if hit is None:
+      prog, n = self._program(), self.num_zigs
+      if name == 'params':
+        trainable = [p in self.trainable_paths for p in self.variable_paths]
+        hit = costs.params_model(prog, self.axes, n, trainable)
+      else:
+        hit = (costs.flops_model if name == 'flops' else costs.bytes_model)(prog, self.axes, n)
+      self._cache[name] = hit
+    return hit
+
   @property
   def flops(self) -> costs.CostModel:
     """FLOPs of one call of the analysed function, as a function of the kept ZIGs.
@@ -250,16 +248,17 @@ class ZIGPartition:
     each ZIG saves, and ``partition.flops(keep)`` the count with only the ZIGs in the
     boolean mask ``keep`` (jit-able). See :mod:`oto_jax.costs`.
     """
-    if 'flops' not in self._cache:
-      self._cache['flops'] = costs.flops_model(self)
-    return self._cache['flops']
+    return self._cost('flops')
 
   @property
   def params(self) -> costs.CostModel:
     """The number of trainable parameters as a function of the kept ZIGs (like :attr:`flops`)."""
-    if 'params' not in self._cache:
-      self._cache['params'] = costs.params_model(self)
-    return self._cache['params']
+    return self._cost('params')
+
+  @property
+  def bytes(self) -> costs.CostModel:
+    """Bytes the program's equations read and write, as a function of the kept ZIGs (no fusion)."""
+    return self._cost('bytes')
 
   def segments(self, tree: Any) -> ZIGSegments:
     """The member entries laid over ``tree``'s structure (cached per structure and shapes).
@@ -275,7 +274,9 @@ class ZIGPartition:
     key = ('segments', treedef, tuple(tuple(np.shape(x)) for x in leaves))
     hit = self._cache.get(key)
     if hit is None:
-      hit = self._cache[key] = ZIGSegments.build(self, tree)
+      hit = self._cache[key] = ZIGSegments.build(
+        self.num_zigs, self._member_entries(), self._match(tree), tree
+      )
     return hit
 
   def zero(self, variables: Any, zig_ids: Any) -> Any:

@@ -4,7 +4,8 @@ A saved subnet is a directory with
 
 * ``variables/``: the slim variables, an Orbax checkpoint of their leaves;
 * ``subnet.json``: the removed ZIG ids and the shapes it was exported at;
-* ``apply.stablehlo``: ``Subnet.apply`` serialized with ``jax.export`` at the example inputs.
+* ``apply.stablehlo``: ``Subnet.apply`` serialized with ``jax.export``, with a symbolic batch
+  dimension (see :func:`export_subnet`).
 
 :func:`load_subnet` gives back either a full :class:`~oto_jax.Subnet` (given the model's
 partition, which rebuilds ``apply`` from the program) or, without one, the variables and the
@@ -22,18 +23,26 @@ import jax
 import numpy as np
 
 from oto_jax.partition import ZIGPartition
+from oto_jax.paths import is_array
 from oto_jax.surgery import Subnet, construct_subnet_from_keep
 
 _FORMAT = 1
 
 
-def export_subnet(subnet: Subnet, *args: Any, **kwargs: Any) -> jax.export.Exported:
-  """``Subnet.apply`` exported with ``jax.export`` at the shapes of the example inputs.
+def export_subnet(subnet: Subnet, *args: Any, polymorphic: bool = True, **kwargs: Any) -> jax.export.Exported:
+  """``Subnet.apply`` exported with ``jax.export``: one StableHLO for every batch size.
+
+  With ``polymorphic`` (the default) the inputs keep the slim program's symbolic dimensions
+  (the batch), so the exported function accepts any batch size in a process that imports
+  nothing but JAX. A program fixed to its analysed shapes, or ``polymorphic=False``, exports at
+  fixed shapes: those of the example inputs, or the analysed ones.
 
   Args:
     subnet: the slim model.
-    *args: example inputs (arrays or ``jax.ShapeDtypeStruct``); only shapes and dtypes count.
-    **kwargs: keyword arguments; non-array values are static and baked in.
+    *args: example inputs (arrays or ``jax.ShapeDtypeStruct``); optional, checked against the
+      analysed signature. Without them the analysed shapes are used.
+    polymorphic: keep the batch dimension symbolic.
+    **kwargs: keyword arguments; static ones must be those the model was analysed with.
 
   Returns:
     A ``jax.export.Exported`` taking ``(leaves, args, kwargs)``, with ``leaves`` the slim
@@ -43,20 +52,37 @@ def export_subnet(subnet: Subnet, *args: Any, **kwargs: Any) -> jax.export.Expor
 
   Example::
 
-    blob = oto_jax.export_subnet(subnet, x).serialize()
+    blob = oto_jax.export_subnet(subnet).serialize()
     leaves = jax.tree_util.tree_leaves(subnet.variables)
-    y = jax.export.deserialize(blob).call(leaves, (x,), {})
+    y = jax.export.deserialize(blob).call(leaves, (x,), {})   # x of any batch size
   """
-  static = {k: v for k, v in kwargs.items() if not _is_array(v)}
-  dynamic = {k: v for k, v in kwargs.items() if _is_array(v)}
+  sig = subnet.program.signature
+  if args or kwargs:
+    subnet._input_arrays(args, kwargs)  # the checks of a call: structure and static values
+  if polymorphic and sig.env:
+    specs = [', '.join(str(d) for d in x.sym) for x in sig.arrays]
+    abstract = jax.export.symbolic_args_specs(
+      [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in sig.arrays], specs
+    )
+  elif args or kwargs:
+    abstract = [_abstract(x) for x in jax.tree_util.tree_leaves((args, kwargs)) if is_array(x)]
+  else:
+    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in sig.arrays]
+  it = iter(abstract)
+  spec_args, spec_kwargs = jax.tree_util.tree_unflatten(
+    sig.treedef, [x.value if x.static else next(it) for x in sig.leaves]
+  )
+  if not all(is_array(x) for x in jax.tree_util.tree_leaves(spec_args)):
+    raise ValueError('export_subnet takes array positional inputs only; pass static values as keywords.')
+  static = {k: v for k, v in spec_kwargs.items() if not is_array(v)}
+  dynamic = {k: v for k, v in spec_kwargs.items() if is_array(v)}
   leaves, treedef = jax.tree_util.tree_flatten(subnet.variables)
 
   # The variables go in as their list of leaves: an NNX State's tree cannot be serialized.
   def fn(leaves, args, dynamic):
     return subnet.apply(jax.tree_util.tree_unflatten(treedef, leaves), *args, **dynamic, **static)
 
-  spec = jax.tree.map(_abstract, (leaves, args, dynamic))
-  return jax.export.export(jax.jit(fn))(*spec)
+  return jax.export.export(jax.jit(fn))([_abstract(x) for x in leaves], tuple(spec_args), dynamic)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -91,7 +117,7 @@ def save_subnet(directory: str, subnet: Subnet, *args: Any, **kwargs: Any) -> No
   Args:
     directory: a new or empty directory.
     subnet: the slim model.
-    *args: example inputs for the export (their shapes are what the export accepts).
+    *args: example inputs for the export (optional; see :func:`export_subnet`).
     **kwargs: keyword arguments of ``apply``.
   """
   import orbax.checkpoint as ocp
@@ -125,8 +151,8 @@ def load_subnet(directory: str, partition: ZIGPartition | None = None) -> Subnet
     directory: the saved subnet.
     partition: the full model's partition (``oto_jax.zig_partition`` of the same model, with
       abstract variables if you like). With it the result is a :class:`~oto_jax.Subnet`
-      (any input shape, ``slice_like``, ``report``); without it, an :class:`ExportedSubnet`
-      that runs at the exported shapes.
+      (``slice_like``, ``report``); without it, an :class:`ExportedSubnet` that runs the
+      exported StableHLO (at any batch size when it was exported with a symbolic one).
 
   Returns:
     A :class:`~oto_jax.Subnet` or an :class:`ExportedSubnet`.
@@ -169,9 +195,5 @@ def _as_dict(leaves: list) -> dict:
   return {_key(i): np.asarray(x) for i, x in enumerate(leaves)}
 
 
-def _is_array(x) -> bool:
-  return hasattr(x, 'shape') and hasattr(x, 'dtype')
-
-
 def _abstract(x):
-  return jax.ShapeDtypeStruct(np.shape(x), x.dtype) if _is_array(x) else x
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype)

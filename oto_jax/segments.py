@@ -11,15 +11,12 @@ node groups.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-if TYPE_CHECKING:
-  from oto_jax.partition import ZIGPartition
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -50,11 +47,20 @@ class ZIGSegments:
   seg_ids: np.ndarray  # concatenated gid of every mapped slice, in leaf order
 
   @classmethod
-  def build(cls, partition: ZIGPartition, tree: Any) -> ZIGSegments:
-    match = partition._match(tree)
+  def build(
+    cls, num_zigs: int, members: Iterable[tuple[Any, np.ndarray]], match: Mapping, tree: Any
+  ) -> ZIGSegments:
+    """Lays the member entries over ``tree``.
+
+    Args:
+      num_zigs: the number of ZIGs.
+      members: ``(GroupEntry, global ZIG id per slice)`` for every member entry.
+      match: variable path → ``(leaf position, leaf)`` in ``tree``.
+      tree: the tree.
+    """
     treedef = jax.tree_util.tree_structure(tree)
     gids: dict[int, tuple[int, np.ndarray, tuple[int, ...]]] = {}
-    for entry, gid in partition._member_entries():
+    for entry, gid in members:
       hit = match.get(entry.path)
       if hit is None:
         continue
@@ -67,7 +73,7 @@ class ZIGSegments:
         gids[pos] = (axis, np.maximum(old, gid), shape)
       else:
         gids[pos] = (entry.axis, gid, entry.shape)
-    leaves, sizes = [], np.zeros((partition.num_zigs,), np.int64)
+    leaves, sizes = [], np.zeros((num_zigs,), np.int64)
     for pos in sorted(gids):
       axis, gid, shape = gids[pos]
       rows = np.nonzero(gid >= 0)[0]
@@ -75,7 +81,7 @@ class ZIGSegments:
       per_slice = int(np.prod(shape)) // shape[axis]
       np.add.at(sizes, gid[rows], per_slice)
     seg_ids = np.concatenate([lf.gid[lf.rows] for lf in leaves]) if leaves else np.zeros((0,), np.int32)
-    return cls(partition.num_zigs, treedef, tuple(leaves), sizes, seg_ids.astype(np.int32))
+    return cls(num_zigs, treedef, tuple(leaves), sizes, seg_ids.astype(np.int32))
 
   def _flat(self, tree: Any) -> list:
     leaves, treedef = jax.tree_util.tree_flatten(tree)

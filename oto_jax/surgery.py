@@ -1,230 +1,28 @@
-"""Subnet construction: slice the removed ZIGs out of every variable and of the program itself.
+"""Subnet construction: slice the removed ZIGs out of every variable and out of the program.
 
-The slim model is not rebuilt from module attributes: the analysed program is re-run with
-every value's pruned axes sliced, rewriting the shape parameters of the equations that carry
-them (reshape, broadcast, split, slice, pad, gather, grouped convolutions). Widths that the
-model's code hard-codes (``reshape(..., num_heads, head_dim)``) follow automatically, and
-every equation's output shape is checked against the shape the analysis predicts, so a
-primitive this module cannot rewrite fails loudly instead of computing something else.
+The slim model is not rebuilt from module attributes. :func:`construct_subnet` cuts the
+analysed program itself (:mod:`oto_jax.slim`): every shape parameter that carries a pruned
+width is rewritten by its primitive's registry entry, so widths the model's code hard-codes
+(``reshape(..., num_heads, head_dim)``) follow, and the batch stays symbolic, so the one slim
+program runs at every batch size. The program is traced once at construction and every
+equation's result shape is checked, so a primitive the surgery cannot cut is reported then.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oto_jax import costs, native
-from oto_jax.analysis import input_signature, where, zig_partition
-from oto_jax.partition import Path, ZIGPartition, path_of, path_str
-from oto_jax.rules import Literal
-
-
-class SurgeryError(RuntimeError):
-  """An equation of the program could not be run on sliced inputs."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Plan:
-  """Which slices of every value of one analysed program survive."""
-
-  partition: ZIGPartition
-  keep: np.ndarray
-
-  def kept(self, v: int, ax: int) -> np.ndarray | None:
-    return costs.axis_maps(self.partition).kept(self.partition.program.ctx.dims[v][ax], self.keep)
-
-  def slim_shape(self, v: int) -> tuple[int, ...]:
-    shape = self.partition.program.ctx.shapes[v]
-    out = []
-    for ax, n in enumerate(shape):
-      k = self.kept(v, ax)
-      out.append(n if k is None else len(k))
-    return tuple(out)
-
-  def pruned(self, v: Any) -> bool:
-    if isinstance(v, Literal):
-      return False
-    return any(self.kept(v, ax) is not None for ax in range(len(self.partition.program.ctx.shapes[v])))
-
-  def slice(self, v: int, x: Any) -> Any:
-    for ax in range(np.ndim(x)):
-      k = self.kept(v, ax)
-      if k is not None:
-        x = jnp.take(x, jnp.asarray(k), axis=ax) if not isinstance(x, np.ndarray) else np.take(x, k, axis=ax)
-    return x
-
-
-def _bind(eqn, ins, params):
-  out = eqn.primitive.bind(*ins, **params)
-  return list(out) if eqn.primitive.multiple_results else [out]
-
-
-class _Runner:
-  """Runs a program's recorded steps on sliced values."""
-
-  def __init__(self, plan: _Plan):
-    self.plan = plan
-    self.prog = plan.partition.program
-    self.ctx = self.prog.ctx
-
-  def read(self, env: dict, x: Any) -> Any:
-    if isinstance(x, Literal):
-      return x.val
-    hit = env.get(x)
-    if hit is None and x in self.ctx.consts:
-      hit = env[x] = self.plan.slice(x, np.asarray(self.ctx.consts[x]))
-    return hit
-
-  def run(self, leaves: list) -> list:
-    env = dict(zip(self.prog.invars, leaves))
-    self.steps(self.prog.steps, env)
-    return [self.read(env, o) for o in self.prog.outvals]
-
-  def steps(self, steps, env: dict) -> None:
-    for step in steps:
-      if step[0] == 'eqn':
-        self.eqn(step, env)
-      elif step[0] == 'loop':
-        self.loop(step, env)
-      else:
-        self.cond(step, env)
-
-  def eqn(self, step, env: dict) -> None:
-    _, eqn, args, outs, _, sites = step
-    plan = self.plan
-    ins = [self.read(env, a) for a in args]
-    if not any(plan.pruned(a) for a in args):
-      # Nothing sliced comes in: run as analysed, then slice what goes out.
-      res = [plan.slice(o, r) for o, r in zip(outs, _bind(eqn, ins, eqn.params))]
-    else:
-      res = _bind(eqn, ins, self.params(eqn, args, outs, ins, sites))
-    for o, r in zip(outs, res):
-      want = plan.slim_shape(o)
-      if tuple(np.shape(r)) != want:
-        raise SurgeryError(
-          f'`{eqn.primitive.name}` at {where(eqn, sites)} gave shape {tuple(np.shape(r))} on the slim '
-          f'model where {want} was expected; oto_jax cannot slice this primitive yet. Please report it.'
-        )
-      env[o] = r
-
-  def params(self, eqn, args, outs, ins, sites) -> dict:
-    """The equation's parameters for sliced inputs."""
-    plan, name, p = self.plan, eqn.primitive.name, dict(eqn.params)
-    if name == 'reshape':
-      p['new_sizes'] = plan.slim_shape(outs[0])
-      p['dimensions'] = None
-    elif name == 'broadcast_in_dim':
-      p['shape'] = plan.slim_shape(outs[0])
-    elif name == 'split':
-      p['sizes'] = tuple(plan.slim_shape(o)[p['axis']] for o in outs)
-    elif name in ('gather', 'dynamic_slice'):
-      full, slim = self.ctx.shapes[args[0]], np.shape(ins[0])
-      p['slice_sizes'] = tuple(
-        s if s != f else n for s, f, n in zip(p['slice_sizes'], full, slim, strict=True)
-      )
-    elif name == 'conv_general_dilated':
-      dn = p['dimension_numbers']
-      for key, lhs_ax, rhs_ax in (('feature_group_count', dn.lhs_spec[1], dn.rhs_spec[1]),):
-        if p[key] > 1:
-          p[key] = int(np.shape(ins[0])[lhs_ax] // np.shape(ins[1])[rhs_ax])
-    elif name == 'slice':
-      return self.slice_params(eqn, args, outs, ins, sites, p)
-    elif name == 'pad':
-      cfg = list(p['padding_config'])
-      for ax in range(len(cfg)):
-        if plan.kept(args[0], ax) is not None and cfg[ax][2] != 0:
-          raise SurgeryError(f'interior padding of a pruned axis at {where(eqn, sites)} cannot be sliced.')
-    return p
-
-  def slice_params(self, eqn, args, outs, ins, sites, p) -> dict:
-    # A slice of a pruned axis keeps the input positions its kept outputs came from; they
-    # must be an arithmetic run in the slim input.
-    starts, limits = list(p['start_indices']), list(p['limit_indices'])
-    strides = list(p['strides'] or (1,) * len(starts))
-    for ax in range(len(starts)):
-      k_in = self.plan.kept(args[0], ax)
-      if k_in is None:
-        continue
-      k_out = self.plan.kept(outs[0], ax)
-      n_out = self.ctx.shapes[outs[0]][ax]
-      src = starts[ax] + strides[ax] * (np.arange(n_out) if k_out is None else k_out)
-      pos = np.searchsorted(k_in, src)
-      if len(pos) == 0:
-        starts[ax] = limits[ax] = 0
-        strides[ax] = 1
-        continue
-      step = int(pos[1] - pos[0]) if len(pos) > 1 else 1
-      ok = np.all(pos < len(k_in)) and np.array_equal(k_in[np.minimum(pos, len(k_in) - 1)], src)
-      if not ok or step < 1 or not np.array_equal(pos, pos[0] + step * np.arange(len(pos))):
-        raise SurgeryError(f'slice at {where(eqn, sites)} does not map onto a run of the slim input.')
-      starts[ax], limits[ax], strides[ax] = int(pos[0]), int(pos[-1]) + 1, step
-    p.update(start_indices=tuple(starts), limit_indices=tuple(limits), strides=tuple(strides))
-    return p
-
-  def loop(self, step, env: dict) -> None:
-    _, body, carries, xs, ys, info = step
-    init = [jnp.asarray(self.read(env, c[0])) for c in carries]
-
-    def local(carry, x=()):
-      scope = dict(env)
-      scope.update(zip((c[1] for c in carries), carry))
-      scope.update(zip((inner for _, inner in xs), x))
-      return scope
-
-    def out(scope, ids, like):
-      return [jnp.asarray(self.read(scope, i), dtype=jnp.result_type(t)) for i, t in zip(ids, like)]
-
-    if info['kind'] == 'scan':
-
-      def body_fn(carry, x):
-        scope = local(carry, x)
-        self.steps(body, scope)
-        new = out(scope, [c[2] for c in carries], carry)
-        ys_out = [jnp.asarray(self.read(scope, y_in)) for y_in, _ in ys]
-        return new, ys_out
-
-      xs_vals = [jnp.asarray(self.read(env, outer)) for outer, _ in xs]
-      final, ys_vals = jax.lax.scan(body_fn, init, xs_vals, length=info['length'], reverse=info['reverse'])
-      for (_, y_outer), y in zip(ys, ys_vals):
-        env[y_outer] = y
-    else:
-
-      def cond_fn(carry):
-        scope = local(carry)
-        self.steps(info['cond_steps'], scope)
-        return self.read(scope, info['pred'])
-
-      def loop_fn(carry):
-        scope = local(carry)
-        self.steps(info['body_steps'], scope)
-        return out(scope, [c[2] for c in carries], carry)
-
-      final = jax.lax.while_loop(cond_fn, loop_fn, init)
-    for c, f in zip(carries, final):
-      env[c[3]] = f
-
-  def cond(self, step, env: dict) -> None:
-    _, branches, outs, index = step
-
-    def branch(br_steps, br_outs):
-      def fn():
-        scope = dict(env)
-        self.steps(br_steps, scope)
-        return [jnp.asarray(self.read(scope, o)) for o in br_outs]
-
-      return fn
-
-    res = jax.lax.switch(jnp.asarray(self.read(env, index)), [branch(*b) for b in branches])
-    for o, r in zip(outs, res):
-      env[o] = r
-
-
-def _group_key(group) -> tuple:
-  return tuple(sorted((e.path, e.axis) for e in group.members))
+from oto_jax import native, slim
+from oto_jax.errors import ShapeSpecificError
+from oto_jax.ir import Program
+from oto_jax.partition import ZIGPartition
+from oto_jax.paths import Path, input_name, path_of, path_str
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -278,13 +76,17 @@ class Subnet:
     partition: the full model's partition.
     keep: bool ``[num_zigs]``: the ZIGs that remain.
     variables: the slim variables (every collection sliced).
+    program: the slim :class:`~oto_jax.ir.Program` that :meth:`apply` runs.
+    jaxpr: the slim program as a closed jaxpr, at the program's (symbolic) input shapes.
   """
 
   partition: ZIGPartition
   keep: np.ndarray
   variables: Any
-  _abstract: Any = dataclasses.field(repr=False)
-  _plans: dict = dataclasses.field(default_factory=dict, repr=False)
+  program: Program = dataclasses.field(repr=False)
+  jaxpr: Any = dataclasses.field(repr=False)
+  _cut: slim.SlimContext = dataclasses.field(repr=False)
+  _call: Callable = dataclasses.field(repr=False)
 
   @property
   def removed_zig_ids(self) -> np.ndarray:
@@ -293,75 +95,74 @@ class Subnet:
   def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
     """Runs the slim model: ``apply_fn(zeroed_full_variables, *args, **kwargs)``, only smaller.
 
-    Pure, jit-able and differentiable. Inputs of other shapes than the analysed ones (another
-    batch size) re-analyse the function once for that shape (cached).
+    Pure, jit-able and differentiable, and compiled (``jax.jit``) even when called eagerly.
+    Any batch size runs the same slim program, without analysing the model again.
 
     Args:
       variables: slim variables shaped like :attr:`variables`.
-      *args: the model inputs, as for the original ``apply_fn``.
-      **kwargs: its keyword arguments; non-array values are static.
+      *args: the model inputs, as for the original ``apply_fn`` (any batch size).
+      **kwargs: its keyword arguments; static ones must be those it was analysed with.
 
     Returns:
       The outputs of the original ``apply_fn``, with the same structure.
+
+    Raises:
+      ShapeSpecificError: the inputs do not fit the analysed signature (another static
+        argument, another non-batch dimension, or another batch size for a function that
+        could only be analysed at fixed shapes).
     """
-    plan = self._plan(args, kwargs)
-    prog = plan.partition.program
+    leaves = self._variable_leaves(variables)
+    arrays = self._input_arrays(args, kwargs)
+    outs = self._call(leaves, arrays)
+    return jax.tree_util.tree_unflatten(self.program.out_tree, outs)
+
+  def _variable_leaves(self, variables: Any) -> list:
     flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
     want_tree = jax.tree_util.tree_structure(self.variables)
     if treedef != want_tree:
       raise ValueError(f'variables have structure {treedef}; the subnet expects {want_tree}.')
+    shapes = self.program.values.shapes
     leaves = []
-    for (path, leaf), v in zip(flat, prog.invars[: prog.num_variables]):
-      want = plan.slim_shape(v)
-      if tuple(np.shape(leaf)) != want:
+    for (path, leaf), v in zip(flat, self.program.variables):
+      if tuple(np.shape(leaf)) != shapes[v]:
         raise ValueError(
           f'Variable {path_str(path_of(path))} has shape {tuple(np.shape(leaf))}, but the subnet '
-          f'expects {want}. Pass subnet.variables (or a tree sliced with subnet.slice_like).'
+          f'expects {shapes[v]}. Pass subnet.variables (or a tree sliced with subnet.slice_like).'
         )
       leaves.append(leaf)
-    leaves += [x for x in jax.tree_util.tree_leaves((args, kwargs)) if _is_array(x)]
-    outs = [jnp.asarray(o) for o in _Runner(plan).run(leaves)]
-    return jax.tree_util.tree_unflatten(prog.out_tree, outs)
+    return leaves
 
-  def _plan(self, args: tuple, kwargs: dict) -> _Plan:
-    sig = input_signature(args, kwargs)
-    hit = self._plans.get(sig)
-    if hit is not None:
-      return hit
-    prog = self.partition.program
-    abstract_in = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype) if _is_array(x) else x, (args, kwargs)
-    )
-    part = zig_partition(
-      prog.apply_fn,
-      self._abstract,
-      *abstract_in[0],
-      trainable=prog.trainable,
-      rules=prog.rules,
-      **abstract_in[1],
-    )
-    keep = np.ones((part.num_zigs,), bool)
-    theirs = {_group_key(g): g for g in part.prunable_groups}
-    for g in self.partition.prunable_groups:
-      mine = self.keep[g.zig_offset : g.zig_offset + g.size]
-      if mine.all():
+  def _input_arrays(self, args: tuple, kwargs: dict) -> list:
+    sig = self.program.signature
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    if treedef != sig.treedef:
+      raise ShapeSpecificError(
+        f'The inputs have structure {treedef}, but the model was analysed with {sig.treedef}; '
+        'call the subnet with inputs like the analysed ones.'
+      )
+    arrays = []
+    for spec, x in zip(sig.leaves, leaves):
+      if not spec.static:
+        arrays.append(x)
         continue
-      other = theirs.get(_group_key(g))
-      if other is None or other.size != g.size:
-        raise SurgeryError(
-          f'At input signature {sig[1]}, node group at {g.where} is not prunable the way it was when '
-          'the subnet was built; the slim model cannot run at these shapes.'
+      try:
+        same = bool(x == spec.value)
+      except Exception:  # noqa: BLE001 - values that cannot be compared are different
+        same = x is spec.value
+      if not same:
+        raise ShapeSpecificError(
+          f'Static argument {input_name(spec.path)} is {x!r}, but the model was analysed with '
+          f'{spec.value!r}: the slim program is specific to the static arguments. Analyse the model '
+          'with the arguments you need (oto_jax.zig_partition) and cut it with the same ZIGs.'
         )
-      keep[other.zig_offset : other.zig_offset + other.size] = mine
-    plan = self._plans[sig] = _Plan(part, keep)
-    return plan
+    return arrays
 
   @property
   def module(self) -> Any:
     """The linen module, with standard layers at the slim widths: ``module.apply(variables, x)``.
 
-    Raises :class:`~oto_jax.native.NativeUnavailable` (with the reason) when the partition
-    was not built from ``module.apply`` or the module's code fixes a width.
+    Raises :class:`~oto_jax.NativeUnavailable` (with the reason) when the partition was not
+    built from ``module.apply`` or the module's code fixes a width.
     """
     return native.linen_module(self)
 
@@ -385,8 +186,7 @@ class Subnet:
     Returns:
       The same structure, with every matched leaf sliced like its variable.
     """
-    plan = self._plans[self.partition.program.signature]
-    return _slice_tree(plan, tree)
+    return _slice_tree(self._cut, self.partition, tree)
 
   def report(self) -> SubnetReport:
     """Full vs slim FLOPs, parameters and per-node-group widths."""
@@ -401,9 +201,8 @@ class Subnet:
     )
 
 
-def _slice_tree(plan: _Plan, tree: Any) -> Any:
-  part = plan.partition
-  prog = part.program
+def _slice_tree(cut: slim.SlimContext, part: ZIGPartition, tree: Any) -> Any:
+  variables = part.program.variables
   by_suffix: dict[Path, list[int]] = {}
   for k, path in enumerate(part.variable_paths):
     for s in range(len(path)):
@@ -418,12 +217,18 @@ def _slice_tree(plan: _Plan, tree: Any) -> Any:
       if len(cands) == 1:
         hit = cands[0]
         break
-    out.append(leaf if hit is None else plan.slice(prog.invars[hit], leaf))
+    if hit is None:
+      out.append(leaf)
+    elif isinstance(leaf, np.ndarray):
+      out.append(cut.slice(variables[hit], leaf))
+    else:
+      v = variables[hit]
+      for ax in range(np.ndim(leaf)):
+        k = cut.kept(v, ax)
+        if k is not None:
+          leaf = jnp.take(leaf, jnp.asarray(k), axis=ax)
+      out.append(leaf)
   return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _is_array(x) -> bool:
-  return hasattr(x, 'shape') and hasattr(x, 'dtype')
 
 
 def construct_subnet(partition: ZIGPartition, variables: Any, *, zig_ids: Any = None) -> Subnet:
@@ -446,6 +251,9 @@ def construct_subnet(partition: ZIGPartition, variables: Any, *, zig_ids: Any = 
   Returns:
     A :class:`Subnet`. Nothing passed in is modified.
 
+  Raises:
+    SurgeryError: an equation of the program cannot be cut (named, with its location).
+
   Example::
 
     subnet = oto_jax.construct_subnet(part, trained_variables)
@@ -455,9 +263,7 @@ def construct_subnet(partition: ZIGPartition, variables: Any, *, zig_ids: Any = 
   References:
     Chen et al., *Only Train Once*, NeurIPS 2021 (arXiv 2107.07467), section 3.3.
   """
-  prog = partition.program
-  if prog is None:
-    raise ValueError('This partition carries no program; build it with oto_jax.zig_partition.')
+  partition._program()
   flat = jax.tree_util.tree_flatten_with_path(variables)[0]
   paths = tuple(path_of(p) for p, _ in flat)
   if paths != partition.variable_paths:
@@ -480,8 +286,7 @@ def construct_subnet(partition: ZIGPartition, variables: Any, *, zig_ids: Any = 
       raise ValueError(f'zig_ids must lie in [0, {n}); got {ids.min()} … {ids.max()}.')
     keep = np.ones((n,), bool)
     keep[ids] = False
-  keep = _complete(partition, keep)
-  return _make(partition, keep, _slice_tree(_Plan(partition, keep), host))
+  return _make(partition, keep, jax.tree_util.tree_leaves(host), sliced=False)
 
 
 def _complete(partition: ZIGPartition, keep: np.ndarray) -> np.ndarray:
@@ -493,27 +298,34 @@ def _complete(partition: ZIGPartition, keep: np.ndarray) -> np.ndarray:
   return keep
 
 
-def _make(partition: ZIGPartition, keep: np.ndarray, slim: Any) -> Subnet:
+def _make(partition: ZIGPartition, keep: np.ndarray, leaves: list, *, sliced: bool) -> Subnet:
   keep = _complete(partition, keep)
-  prog = partition.program
-  plan = _Plan(partition, keep)
-  avals = prog.closed_jaxpr.in_avals[: prog.num_variables]
-  abstract = jax.tree_util.tree_unflatten(
-    prog.var_tree, [jax.ShapeDtypeStruct(s, a.dtype) for s, a in zip(partition.variable_shapes, avals)]
-  )
-  leaves = jax.tree_util.tree_leaves(slim)
-  for path, v, leaf in zip(partition.variable_paths, prog.invars, leaves):
-    want = plan.slim_shape(v)
-    if tuple(np.shape(leaf)) != want:
-      raise ValueError(f'Slim variable {path_str(path)} has shape {tuple(np.shape(leaf))}, expected {want}.')
+  prog = partition._program()
+  slim_prog, cut = slim.build(prog, partition.axes, keep)
+  if not sliced:
+    leaves = [cut.slice(v, np.asarray(x)) for v, x in zip(prog.variables, leaves)]
+  shapes = slim_prog.values.shapes
+  for path, v, leaf in zip(partition.variable_paths, prog.variables, leaves):
+    if tuple(np.shape(leaf)) != shapes[v]:
+      raise ValueError(
+        f'Slim variable {path_str(path)} has shape {tuple(np.shape(leaf))}, expected {shapes[v]}.'
+      )
   # Fresh host copies first: on CPU, device_put may alias a NumPy buffer, and an unsliced leaf would
   # then share memory with the caller's array.
-  slim = jax.tree_util.tree_unflatten(prog.var_tree, jax.device_put([np.array(x) for x in leaves]))
-  return Subnet(partition, keep, slim, abstract, {prog.signature: plan})
+  variables = jax.tree_util.tree_unflatten(prog.var_tree, jax.device_put([np.array(x) for x in leaves]))
+  sig = slim_prog.signature
+
+  def run(leaves: list, arrays: list) -> list:
+    env = slim.bind_inputs(sig.arrays, arrays, sig.fixed_reason)
+    return [jnp.asarray(o) for o in slim.evaluate(slim_prog, leaves, arrays, env)]
+
+  # One trace at the program's own (symbolic) input shapes checks every equation's result.
+  var_specs = [jax.ShapeDtypeStruct(shapes[v], slim_prog.values.dtypes[v]) for v in prog.variables]
+  in_specs = [jax.ShapeDtypeStruct(x.sym, x.dtype) for x in sig.arrays]
+  jaxpr = jax.make_jaxpr(lambda v, a: slim.evaluate(slim_prog, v, a, None, check=True))(var_specs, in_specs)
+  return Subnet(partition, keep, variables, slim_prog, jaxpr, cut, jax.jit(run))
 
 
 def construct_subnet_from_keep(partition: ZIGPartition, keep: np.ndarray, slim_leaves: list) -> Subnet:
   """A :class:`Subnet` from a keep mask and already-sliced variable leaves (restoring one)."""
-  return _make(
-    partition, np.asarray(keep, bool), jax.tree_util.tree_unflatten(partition.program.var_tree, slim_leaves)
-  )
+  return _make(partition, np.asarray(keep, bool), list(slim_leaves), sliced=True)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from oto_jax.ir import Call, Eqn, Loop
 from oto_jax.partition import NodeGroup, ZIGPartition
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -286,33 +287,41 @@ def epsilon_by_layer(partition: ZIGPartition, conv: float = 0.0, dense: float = 
 
 
 def conv_kernel_paths(partition: ZIGPartition) -> frozenset:
-  """Paths of the variables that reach a convolution's kernel operand (through reshapes)."""
-  prog = partition.program
-  kernels = set()
+  """Paths of the variables that reach a convolution's kernel operand (through data movement)."""
+  prog = partition._program()
+  kernels: set = set()
+  moved: dict = {}  # value -> values it is moved into unchanged (reshape, cast, scan slicing)
 
-  def visit(steps):
-    for step in steps:
-      if step[0] == 'eqn' and step[1].primitive.name == 'conv_general_dilated':
-        kernels.add(step[2][1])
-      elif step[0] == 'loop':
-        visit(step[1])
-      elif step[0] == 'cond':
-        for br, _ in step[1]:
-          visit(br)
+  def visit(steps) -> None:
+    for s in steps:
+      if isinstance(s, Eqn):
+        if s.name == 'conv_general_dilated':
+          kernels.add(s.ins[1])
+        elif s.entry is not None and s.entry.moves is not None and isinstance(s.ins[0], int):
+          moved.setdefault(s.ins[0], []).append(s.outs[0])
+      elif isinstance(s, Call):
+        visit(s.body)
+      elif isinstance(s, Loop):
+        for outer, inner in (*((c.init, c.inner) for c in s.carries), *s.xs):
+          if isinstance(outer, int):
+            moved.setdefault(outer, []).append(inner)
+        visit(s.cond + s.body)
+      else:
+        for b in s.branches:
+          visit(b.steps)
 
   visit(prog.steps)
   out = set()
-  for path, v in zip(partition.variable_paths, prog.invars[: prog.num_variables]):
+  for path, v in zip(partition.variable_paths, prog.variables):
     stack, seen = [v], set()
     while stack:
       x = stack.pop()
       if x in kernels:
         out.add(path)
         break
-      if x in seen:
-        continue
-      seen.add(x)
-      stack += [payload[0] for kind, payload in prog.ctx.uses.get(x, ()) if kind == 'pass']
+      if x not in seen:
+        seen.add(x)
+        stack += moved.get(x, [])
   return frozenset(out)
 
 

@@ -1,0 +1,71 @@
+"""Reductions, cumulative scans and windowed reductions (pooling)."""
+
+from __future__ import annotations
+
+from oto_jax.primitives.entry import KEEP, NONE, PrimitiveEntry, Zero, per_input
+
+_OPERAND = Zero('keep', operands=(0,))
+
+
+def _reduce_structure(ctx, eqn):
+  axes = set(eqn.params['axes'])
+  x, kept = eqn.ins[0], 0
+  for ax in range(len(ctx.shape(x))):
+    if ax in axes:
+      ctx.block_axis(x, ax, f'reduced over by `{eqn.name}`', eqn)
+    else:
+      for out in eqn.outs:
+        ctx.unite(x, ax, out, kept)
+      kept += 1
+
+
+def _cumulative_structure(ctx, eqn):
+  axis = eqn.params['axis']
+  for ax in range(len(ctx.shape(eqn.ins[0]))):
+    if ax == axis:
+      ctx.block_axis(eqn.ins[0], ax, f'accumulated over by `{eqn.name}`', eqn)
+      ctx.block_axis(eqn.outs[0], ax, f'accumulated over by `{eqn.name}`', eqn)
+    else:
+      ctx.unite(eqn.ins[0], ax, eqn.outs[0], ax)
+
+
+def _window_operands(eqn) -> int:
+  # The generic reduce_window takes operands then as many init values.
+  return len(eqn.ins) // 2 if eqn.name == 'reduce_window' else len(eqn.ins)
+
+
+def _window_structure(ctx, eqn):
+  p = eqn.params
+  n_ops = _window_operands(eqn)
+  dims, strides, padding = p['window_dimensions'], p['window_strides'], p['padding']
+  base = p.get('base_dilation') or (1,) * len(dims)
+  wdil = p.get('window_dilation') or (1,) * len(dims)
+  for ax in range(len(dims)):
+    plain = dims[ax] == 1 and strides[ax] == 1 and tuple(padding[ax]) == (0, 0)
+    plain = plain and base[ax] == 1 and wdil[ax] == 1
+    for x, out in zip(eqn.ins[:n_ops], eqn.outs):
+      if plain:
+        ctx.unite(x, ax, out, ax)
+      else:
+        # A window wider than one mixes neighbouring positions: a spatial axis, not a channel.
+        ctx.block_axis(x, ax, f'pooled over by `{eqn.name}`', eqn, structural=True)
+        ctx.block_axis(out, ax, f'pooled over by `{eqn.name}`', eqn, structural=True)
+
+
+def _window_zero(eqn) -> Zero:
+  if eqn.name == 'reduce_window':
+    return NONE
+  return Zero('keep', operands=tuple(range(_window_operands(eqn))))
+
+
+_REDUCE = PrimitiveEntry(_reduce_structure, _OPERAND, cost=per_input)
+_CUMULATIVE = PrimitiveEntry(_cumulative_structure, KEEP, cost=per_input)
+_WINDOW = PrimitiveEntry(_window_structure, _window_zero, cost=per_input)
+
+ENTRIES: dict[str, PrimitiveEntry] = {
+  **{name: _REDUCE for name in 'reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or'.split()},
+  'argmax': _REDUCE.replace(zero=NONE),
+  'argmin': _REDUCE.replace(zero=NONE),
+  **{name: _CUMULATIVE for name in 'cumsum cumprod cummax cummin cumlogsumexp'.split()},
+  **{name: _WINDOW for name in 'reduce_window_sum reduce_window_max reduce_window_min reduce_window'.split()},
+}

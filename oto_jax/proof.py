@@ -1,0 +1,146 @@
+"""Pass 2 of the analysis: the zero-invariance proof, for every atom at once.
+
+Assume the trainable variables that produce a channel (the *members*) are zero on it and
+everything else is arbitrary. Each equation's :class:`~oto_jax.primitives.Zero` says which
+result slices are then zero; the proof pushes these sets of atoms through the program (to a
+fixed point through loop carries). An atom fails when a contraction sums over it while
+neither side is zero: its channel then changes the output when its dependents change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from oto_jax.ir import Call, Cond, Eqn, Literal, Loop
+from oto_jax.primitives import Zero
+from oto_jax.structure import StructureContext
+
+_EMPTY: frozenset = frozenset()
+
+
+class Proof:
+  """Pushes zero channel slices through the program's steps.
+
+  Attributes:
+    zero: value id → the atoms on which the value is provably zero.
+    failed: atom → why its zero does not reach the output unchanged.
+  """
+
+  def __init__(self, ctx: StructureContext):
+    self.ctx = ctx
+    self.memo: dict[int, tuple[int, ...]] = {}
+    self._atoms: dict[int, frozenset] = {}
+    self.zero: dict[int, frozenset] = {}
+    self.failed: dict[int, str] = {}
+    self.lost: dict[int, Eqn] = {}  # atom -> the equation where its zero was lost
+
+  def atoms(self, v) -> frozenset:
+    if isinstance(v, Literal):
+      return _EMPTY
+    hit = self._atoms.get(v)
+    if hit is None:
+      g, base = self.ctx.graph, self.ctx.base[v]
+      hit = frozenset(
+        a for ax in range(len(self.ctx.values.shapes[v])) for a in g.atoms_of(base + ax, self.memo)
+      )
+      self._atoms[v] = hit
+    return hit
+
+  def atoms_of_axes(self, nodes) -> frozenset:
+    g = self.ctx.graph
+    return frozenset(a for d in nodes for a in g.atoms_of(d, self.memo))
+
+  def z(self, v) -> frozenset:
+    return _EMPTY if isinstance(v, Literal) else self.zero.get(v, _EMPTY)
+
+  def run(self, steps: tuple) -> None:
+    for step in steps:
+      if isinstance(step, Eqn):
+        if step.entry is not None:
+          self._eqn(step)
+      elif isinstance(step, Call):
+        self.run(step.body)
+      elif isinstance(step, Loop):
+        self._loop(step)
+      else:
+        self._cond(step)
+
+  def _eqn(self, eqn: Eqn) -> None:
+    zero: Zero = eqn.zero
+    args = eqn.ins
+    ins = args if zero.operands is None else [args[i] for i in zero.operands]
+    had = frozenset().union(*(self.z(x) for x in ins)) if ins else _EMPTY
+    for out in eqn.outs:
+      at = self.atoms(out)
+      if not at:
+        continue
+      if zero.kind == 'keep':
+        zs = at & frozenset().union(*(self.atoms(x) for x in ins))
+        for x in ins:
+          zs = zs - (self.atoms(x) - self.z(x))
+      elif zero.kind == 'all':
+        ok = zero.literal_ok or (lambda val: np.all(np.asarray(val) == 0))
+        zs = at
+        for x in ins:
+          if isinstance(x, Literal):
+            zs = zs if ok(x.val) else _EMPTY
+          else:
+            zs = zs & self.z(x)
+      elif zero.kind == 'any':
+        zs = at & had
+      else:
+        zs = _EMPTY
+      self.zero[out] = zs
+      for a in (had & at) - zs:
+        self.lost.setdefault(a, eqn)
+    if zero.contract is not None:
+      self._contraction(eqn, zero.contract)
+
+  def _contraction(self, eqn: Eqn, contract) -> None:
+    lhs, rhs = eqn.ins[0], eqn.ins[1]
+    if isinstance(lhs, Literal) or isinstance(rhs, Literal):
+      return
+    ctx = self.ctx
+    node = ctx.node
+    summed = self.atoms_of_axes([node(lhs, ax) for ax in contract[0]])
+    # A side whose zero slice lies on a free axis (a residual kernel's output column) does
+    # not make the summed rows zero.
+    free_l = self.atoms_of_axes([node(lhs, ax) for ax in range(len(ctx.shape(lhs))) if ax not in contract[0]])
+    free_r = self.atoms_of_axes([node(rhs, ax) for ax in range(len(ctx.shape(rhs))) if ax not in contract[1]])
+    zl, zr = self.z(lhs) - free_l, self.z(rhs) - free_r
+    for a in summed:
+      if a not in zl and a not in zr and a not in self.failed:
+        msg = f'summed over by `{eqn.name}` at {eqn.where} while neither side is zero'
+        if a in self.lost:
+          e = self.lost[a]
+          msg += f' (zero-invariance is lost at `{e.name}` {e.where})'
+        self.failed[a] = msg
+
+  def _loop(self, loop: Loop) -> None:
+    for c in loop.carries:
+      self.zero[c.inner] = self.z(c.init) & self.atoms(c.inner)
+    for outer, inner in loop.xs:
+      self.zero[inner] = self.z(outer) & self.atoms(inner)
+    while True:
+      self.run(loop.cond)
+      self.run(loop.body)
+      changed = False
+      for c in loop.carries:
+        new = self.zero[c.inner] & self.z(c.out)
+        if new != self.zero[c.inner]:
+          self.zero[c.inner], changed = new, True
+      if not changed:
+        break
+    for c in loop.carries:
+      self.zero[c.final] = self.zero[c.inner] & self.z(c.out)
+    for inner, outer in loop.ys:
+      self.zero[outer] = self.z(inner) & self.atoms(outer)
+
+  def _cond(self, cond: Cond) -> None:
+    for br in cond.branches:
+      self.run(br.steps)
+    for k, out in enumerate(cond.outs):
+      zs = self.atoms(out)
+      for br in cond.branches:
+        zs = zs & self.z(br.outs[k])
+      self.zero[out] = zs
