@@ -58,6 +58,7 @@ def zig_partition(
   trainable: Callable[[Path, Any], bool] | None = None,
   rules: Mapping[str, Any] | None = None,
   polymorphic_shapes: Any = None,
+  polymorphic_constraints: tuple[str, ...] = (),
   **kwargs: Any,
 ) -> ZIGPartition:
   """Derives the zero-invariant groups (ZIGs) of ``variables`` from the jaxpr of ``apply_fn``.
@@ -91,6 +92,8 @@ def zig_partition(
       symbolic when the function allows it, else the program is fixed to the given shapes
       (``part.program.signature.fixed_reason`` says why). False: fixed shapes. Or one
       ``jax.export`` shape spec per positional input (``'b, t'``) for more symbolic dimensions.
+    polymorphic_constraints: ``jax.export`` constraints on those dimensions, e.g.
+      ``('t <= 512',)`` for a model that slices its position embeddings to the length.
     **kwargs: keyword arguments of ``apply_fn``; non-array values (``train=False``) are static.
 
   Returns:
@@ -109,7 +112,13 @@ def zig_partition(
   """
   trainable = trainable or _default_trainable(variables)
   traced = tracing.trace(
-    apply_fn, variables, args, kwargs, lookup=primitives.lookup(rules), polymorphic_shapes=polymorphic_shapes
+    apply_fn,
+    variables,
+    args,
+    kwargs,
+    lookup=primitives.lookup(rules),
+    polymorphic_shapes=polymorphic_shapes,
+    polymorphic_constraints=polymorphic_constraints,
   )
   prog = traced.program
   ctx = StructureContext(prog.values, prog.signature.env)

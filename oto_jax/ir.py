@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -82,6 +83,13 @@ def _where_one(source: Any) -> str:
   pick = next((f for f in frames if not f.file_name.startswith(skip) and '<frozen' not in f.file_name), None)
   loc = f'{os.path.basename(pick.file_name)}:{pick.line_num}' if pick else ''
   return ' '.join(p for p in (f'`{name}`' if name else '', f'({loc})' if loc else '') if p) or '?'
+
+
+def user_line(tb: Any) -> str:
+  """``file.py:12`` of the innermost frame of a Python traceback outside jax, flax and oto_jax."""
+  skip = _library_dirs()
+  frames = [f for f in traceback.extract_tb(tb) if not os.path.abspath(f.filename).startswith(skip)]
+  return f'{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}' if frames else ''
 
 
 def location(source: Any, sites: tuple = ()) -> str:

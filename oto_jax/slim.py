@@ -83,7 +83,7 @@ class SlimContext:
     for ax, d in enumerate(self.full_shape(v)):
       k = self.kept(v, ax)
       if k is not None and is_symbolic(d):
-        raise SurgeryError(f'internal: a pruned axis of length {d} depends on the batch size')
+        raise SurgeryError(f'internal: a pruned axis of length {d} depends on the input shapes')
       out.append(d if k is None else len(k))
     return tuple(out)
 
@@ -182,12 +182,12 @@ def bind_inputs(leaves: tuple[InputLeaf, ...], arrays: list, fixed_reason: str) 
         if not ok:
           break
     if not ok:
-      want = tuple(str(d) for d in spec.sym)
+      want = '(' + ', '.join(str(d) for d in spec.sym) + ')'
       why = f' The program is fixed to the analysed shapes because {fixed_reason}.' if fixed_reason else ''
       raise ShapeSpecificError(
         f'Input {input_name(spec.path)} has shape {shape}, but the slim program takes {want}.{why} '
-        'Analyse the model at the shapes you need (oto_jax.zig_partition), or make the batch dimension '
-        'symbolic.'
+        'Analyse the model at the shapes you need, or give zig_partition polymorphic_shapes to make '
+        'that dimension symbolic.'
       )
   return env
 
@@ -238,11 +238,19 @@ class _Run:
   def eqn(self, eqn: Eqn, scope: dict) -> None:
     ins = [self.read(scope, a) for a in eqn.ins]
     params = {k: self.dims(v) for k, v in eqn.params.items()} if self.env else eqn.params
-    if eqn.entry is not None and eqn.entry.bind is not None:
-      res = eqn.entry.bind(self, eqn, ins, params)
-    else:
-      res = eqn.primitive.bind(*ins, **params)
-      res = list(res) if eqn.primitive.multiple_results else [res]
+    try:
+      if eqn.entry is not None and eqn.entry.bind is not None:
+        res = eqn.entry.bind(self, eqn, ins, params)
+      else:
+        res = eqn.primitive.bind(*ins, **params)
+        res = list(res) if eqn.primitive.multiple_results else [res]
+    except Exception as e:
+      if not self.check:
+        raise
+      raise SurgeryError(
+        f'`{eqn.name}` at {eqn.where} does not accept its sliced operands ({type(e).__name__}: {e}); '
+        'its registry entry needs a `rewrite` for its parameters. Please report it.'
+      ) from e
     for o, r, take in zip(eqn.outs, res, getattr(eqn, 'take', ()) or ((),) * len(eqn.outs)):
       for ax, k in take:
         r = jnp.take(r, jnp.asarray(k), axis=ax)

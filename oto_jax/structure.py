@@ -105,10 +105,11 @@ class StructureContext:
     pairs = [p for p in parts if not isinstance(p, int)]
     if self.is_symbolic(v, ax) or any(self.is_symbolic(*p) for p in pairs):
       what = 'a product' if kind == PROD else 'a concatenation'
-      why = Reason(f'{what} with an axis whose length depends on the batch size', step)
-      self.block_axis(v, ax, why, structural=True)
+      why = Reason(f'{what} with an axis whose length depends on the input shapes', step)
+      # The batch-like axes are not channels; the fixed-length ones are channels that cannot be cut.
+      self.block_axis(v, ax, why, structural=self.is_symbolic(v, ax))
       for p in pairs:
-        self.block_axis(*p, why, structural=True)
+        self.block_axis(*p, why, structural=self.is_symbolic(*p))
       return
     nodes = [p if isinstance(p, int) else self.base[p[0]] + p[1] for p in parts]
     self.graph.assign(self.base[v] + ax, kind, nodes)
@@ -129,11 +130,11 @@ class StructureContext:
         if len(ga) == len(gb) == 1 and self.values.sym(x)[ga[0]] == self.values.sym(out)[gb[0]]:
           self.graph.union(self.base[x] + ga[0], self.base[out] + gb[0])
           continue
-        why = Reason('merged by a reshape with an axis whose length depends on the batch size', step)
+        why = Reason('merged by a reshape with an axis whose length depends on the input shapes', step)
         for k in ga:
-          self.block_axis(x, k, why, structural=True)
+          self.block_axis(x, k, why, structural=self.is_symbolic(x, k))
         for k in gb:
-          self.block_axis(out, k, why, structural=True)
+          self.block_axis(out, k, why, structural=self.is_symbolic(out, k))
       elif len(ga) == 1 and len(gb) == 1:
         self.unite(x, ga[0], out, gb[0])
       elif len(ga) == 1:

@@ -113,6 +113,8 @@ class Subnet:
     """
     leaves = self._variable_leaves(variables)
     arrays = self._input_arrays(args, kwargs)
+    sig = self.program.signature
+    slim.bind_inputs(sig.arrays, arrays, sig.fixed_reason)  # report bad shapes here, not inside jit
     outs = self._call(leaves, arrays)
     return jax.tree_util.tree_unflatten(self.program.out_tree, outs)
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 from oto_jax.errors import AnalysisError
-from oto_jax.ir import Builder, InputLeaf, Program, Signature, is_symbolic
+from oto_jax.ir import Builder, InputLeaf, Program, Signature, is_symbolic, user_line
 from oto_jax.paths import Path, is_array, path_of, path_str
 
 # The default dimension variable of the batch.
@@ -66,12 +66,15 @@ def _user_specs(args: tuple, kwargs: dict, spec: Any) -> list[str | None]:
   return out + auto[len(out) :]
 
 
-def _symbolic(leaves: list, specs: list[str | None]) -> list:
+def _symbolic(leaves: list, specs: list[str | None], constraints: Sequence[str]) -> list:
   """The array leaves as ``ShapeDtypeStruct`` s with symbolic dimensions, in one scope."""
   arrays = [x for x in leaves if is_array(x)]
   array_specs = [s for x, s in zip(leaves, specs) if is_array(x)]
   abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
-  return list(jax.export.symbolic_args_specs(abstract, array_specs))
+  try:
+    return list(jax.export.symbolic_args_specs(abstract, array_specs, constraints=tuple(constraints)))
+  except ValueError as e:
+    raise AnalysisError(f'Bad polymorphic_shapes or polymorphic_constraints: {e}') from e
 
 
 def _binding(leaves: list, symbolic: list) -> dict[str, int]:
@@ -108,6 +111,7 @@ def trace(
   *,
   lookup: Callable[[str], Any],
   polymorphic_shapes: Any = None,
+  polymorphic_constraints: Sequence[str] = (),
 ) -> Traced:
   """Traces ``apply_fn(variables, *args, **kwargs)`` into a program.
 
@@ -120,6 +124,8 @@ def trace(
       function allows it (else the program is fixed to the given shapes); False: fixed shapes;
       a ``jax.export`` shape spec per positional input (``'b, t'``) to make other dimensions
       symbolic too (then a function that cannot be traced that way is an error).
+    polymorphic_constraints: ``jax.export`` constraints on the dimension variables
+      (``('t <= 512',)`` for a model that slices position embeddings to the length).
 
   Returns:
     A :class:`Traced`.
@@ -155,7 +161,7 @@ def trace(
     specs, fixed_reason = None, 'it has no input with a batch dimension'
   closed = out_shape = None
   if specs is not None:
-    symbolic = _symbolic(in_leaves, specs)
+    symbolic = _symbolic(in_leaves, specs, polymorphic_constraints)
     try:
       closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(variables, symbolic)
       env = _binding(arrays, symbolic)
@@ -168,7 +174,11 @@ def trace(
           f'{type(e).__name__}: {e}'
         ) from e
       first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-      fixed_reason = f'tracing it with a symbolic batch size failed ({type(e).__name__}: {first[:300]})'
+      line = user_line(e.__traceback__)
+      fixed_reason = (
+        f'tracing it with a symbolic batch size failed{f" at {line}" if line else ""} '
+        f'({type(e).__name__}: {first[:300]})'
+      )
   if closed is None:
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(variables, concrete)
 

@@ -15,12 +15,10 @@ import math
 import chex
 import flax.linen as nn
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.interpreters import mlir
 
 import oto_jax
 from oto_jax.partition import path_of
@@ -255,43 +253,7 @@ def test_model_output_and_input_are_unprunable():
   _assert_moves(lambda w: fn(w, x), zeroed, shaken)
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. A user rule for a primitive of the user's own.
-
-
-def _make_scale_primitive() -> jex.core.Primitive:
-  prim = jex.core.Primitive('my_scale')
-  prim.def_impl(lambda x: 2 * x)
-  prim.def_abstract_eval(lambda aval: aval)
-  mlir.register_lowering(prim, mlir.lower_fun(lambda x: 2 * x, multiple_results=False))
-  return prim
-
-
-MY_SCALE = _make_scale_primitive()
-
-
-class DenseScaleDense(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(6)(x))
-    x = MY_SCALE.bind(x)
-    return nn.Dense(3)(x)
-
-
-def test_user_rule_makes_custom_primitive_prunable():
-  model, x = DenseScaleDense(), _inputs(4, 5)
-  v = _init(model, x)
-  chex.assert_trees_all_close(jax.jit(model.apply)(v, x), model.apply(v, x))  # lowering works
-  part = oto_jax.zig_partition(model.apply, v, x)
-  g = _group(part, ('params', 'Dense_0', 'kernel'), 1)
-  assert not g.prunable and 'unsupported primitive `my_scale`' in g.reason, part.summary()
-  assert part.num_zigs == 0
-  rules = {'my_scale': oto_jax.elementwise(oto_jax.Zero('keep'))}
-  part = oto_jax.zig_partition(model.apply, v, x, rules=rules)
-  assert part.num_zigs == 6 and _sizes(part) == [6], part.summary()
-  g = _group(part, ('params', 'Dense_0', 'kernel'), 1)
-  assert [e.path for e in g.dependents] == [('params', 'Dense_1', 'kernel')]
-  _check_removable('my_scale', model.apply, v, (x,), part)
+# The registry (a user's own primitive analysed, costed and cut): tests/test_registry.py.
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,22 +66,21 @@ def _transpose_moves(ctx, eqn):
 # Concatenations, splits, slices, pads.
 
 
+def _pieces(ctx, whole, parts, axis: int, eqn) -> None:
+  """``whole`` is ``parts`` laid end to end along ``axis``; their other axes are shared."""
+  for part in parts:
+    for ax in range(len(ctx.shape(whole))):
+      if ax != axis:
+        ctx.unite(part, ax, whole, ax)
+  ctx.assign(whole, axis, CAT, [(part, axis) for part in parts], eqn)
+
+
 def _concatenate_structure(ctx, eqn):
-  dim, out = eqn.params['dimension'], eqn.outs[0]
-  for x in eqn.ins:
-    for ax in range(len(ctx.shape(out))):
-      if ax != dim:
-        ctx.unite(x, ax, out, ax)
-  ctx.assign(out, dim, CAT, [(x, dim) for x in eqn.ins], eqn)
+  _pieces(ctx, eqn.outs[0], eqn.ins, eqn.params['dimension'], eqn)
 
 
 def _split_structure(ctx, eqn):
-  axis, x = eqn.params['axis'], eqn.ins[0]
-  for out in eqn.outs:
-    for ax in range(len(ctx.shape(x))):
-      if ax != axis:
-        ctx.unite(x, ax, out, ax)
-  ctx.assign(x, axis, CAT, [(o, axis) for o in eqn.outs], eqn)
+  _pieces(ctx, eqn.ins[0], eqn.outs, eqn.params['axis'], eqn)
 
 
 def _split_rewrite(ctx, eqn):
@@ -99,8 +98,9 @@ def _slice_structure(ctx, eqn):
       if ctx.sym(x)[ax] == ctx.sym(out)[ax]:
         ctx.unite(x, ax, out, ax)
       else:
-        ctx.block_axis(x, ax, 'sliced to a length that depends on the batch size', eqn, structural=True)
-        ctx.block_axis(out, ax, 'sliced to a length that depends on the batch size', eqn, structural=True)
+        why = 'sliced to a length that depends on the input shapes'
+        ctx.block_axis(x, ax, why, eqn, structural=ctx.is_symbolic(x, ax))
+        ctx.block_axis(out, ax, why, eqn, structural=ctx.is_symbolic(out, ax))
     elif (lo, hi, st) == (0, n, 1):
       ctx.unite(x, ax, out, ax)
     elif st == 1:
