@@ -96,4 +96,3 @@ def test_every_name_in_the_readme_table_exists():
   ):
     for a in attrs:
       assert hasattr(cls, a) or a in cls.__dataclass_fields__, f'{cls.__name__}.{a}'
-
