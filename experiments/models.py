@@ -1,6 +1,6 @@
 """Large reference models in Flax linen, for benchmarks and experiments.
 
-Four families, each with configurable sizes and defaults that match the published model:
+Five families, each with configurable sizes and defaults that match the published model:
 
 * :class:`VGG` (defaults: VGG16-BN for CIFAR-10).
 * :class:`ResNet` (defaults: ResNet-50 for 224x224 ImageNet), with bottleneck or basic
@@ -8,6 +8,7 @@ Four families, each with configurable sizes and defaults that match the publishe
 * :class:`BertEncoder` (defaults: BERT-base).
 * :class:`LlamaDecoder` (defaults: Llama-7B), optionally with grouped-query attention and with
   its layers stacked by ``nn.scan``.
+* :class:`ViT` (defaults: ViT-B/16 for 224x224 ImageNet).
 
 Every module takes ``dtype`` (the computation dtype) and ``param_dtype`` (the stored
 parameters' dtype), both float32 by default. The models are written plainly, one Flax layer
@@ -225,7 +226,7 @@ class VGG(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # BERT
 
-# BERT and Llama both initialise their weights from N(0, 0.02).
+# BERT, Llama and ViT (in its Hugging Face port) all initialise their weights from N(0, 0.02).
 _normal02 = nn.initializers.normal(stddev=0.02)
 
 
@@ -239,8 +240,11 @@ class BertSelfAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, train: bool = False) -> Array:
-    """``x``: ``[batch, length, hidden]``; ``mask``: bool ``[batch, length]``, True = attend."""
+  def __call__(self, x: Array, mask: Array | None = None, train: bool = False) -> Array:
+    """``x``: ``[batch, length, hidden]``; ``mask``: bool ``[batch, length]``, True = attend.
+
+    ``mask=None`` attends to every position (no padding, as for image patches).
+    """
     b, seq_len, _ = x.shape
     head_dim = self.hidden_size // self.num_heads
     dense = functools.partial(
@@ -253,7 +257,8 @@ class BertSelfAttention(nn.Module):
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(head_dim)
     # Padded keys get the most negative finite value rather than -inf, so a fully padded row
     # still gives a (uniform) softmax instead of NaNs.
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
+    if mask is not None:
+      scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
     # Softmax in float32: its exponentials overflow quickly in half precision.
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
@@ -687,3 +692,133 @@ class LlamaDecoder(nn.Module):
       param_dtype=self.param_dtype,
       name='lm_head',
     )(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT
+
+
+class ViTBlock(nn.Module):
+  """One pre-LayerNorm encoder layer: ``x + attn(LN(x))`` then ``x + mlp(LN(x))``.
+
+  The attention is :class:`BertSelfAttention` without a mask: separate query/key/value
+  projections, each reshaped to ``[batch, length, heads, head_dim]``, and an output projection
+  that reads the heads back in the same order, so that a head is one unit of all four.
+  """
+
+  hidden_size: int
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  layer_norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    ln = functools.partial(
+      nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    dense = functools.partial(nn.Dense, kernel_init=_normal02, dtype=self.dtype, param_dtype=self.param_dtype)
+    drop = nn.Dropout(self.dropout_rate)
+    h = BertSelfAttention(
+      self.hidden_size,
+      self.num_heads,
+      self.attention_dropout_rate,
+      self.dtype,
+      self.param_dtype,
+      name='attention',
+    )(ln(name='attention_norm')(x), None, train)
+    x = x + drop(h, deterministic=not train)
+    h = dense(self.mlp_dim, name='mlp_in')(ln(name='mlp_norm')(x))
+    # The exact (erf) GELU, as the PyTorch ports use; the original JAX code has the tanh one.
+    h = drop(nn.gelu(h, approximate=False), deterministic=not train)
+    h = dense(self.hidden_size, name='mlp_out')(h)
+    return x + drop(h, deterministic=not train)
+
+
+class ViT(nn.Module):
+  """A Vision Transformer for NHWC images. The defaults build ViT-B/16 (86.6M parameters).
+
+  The image is cut into ``patch_size`` x ``patch_size`` patches by a conv whose kernel and
+  stride are the patch size; a learned class token is prepended, learned position embeddings
+  are added, and the classifier reads the class token after the final LayerNorm.
+
+  Attributes:
+    image_size: height and width of the input images (fixes the number of position embeddings).
+    patch_size: side of a square patch (``image_size`` must be divisible by it).
+    hidden_size: width of the residual stream.
+    num_layers: number of encoder layers.
+    num_heads: attention heads per layer (``hidden_size`` must be divisible by it).
+    mlp_dim: hidden width of each layer's MLP.
+    num_classes: outputs of the classifier head.
+    dropout_rate: dropout on the embeddings, the MLP hidden units and the residual branches.
+    attention_dropout_rate: dropout on the attention probabilities.
+    layer_norm_eps: LayerNorm epsilon.
+  """
+
+  image_size: int = 224
+  patch_size: int = 16
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  num_classes: int = 1000
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  layer_norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """Logits of shape ``[batch, num_classes]`` for images ``x`` of shape ``[batch, H, W, C]``."""
+    if self.image_size % self.patch_size:
+      raise ValueError(f'image_size {self.image_size} is not divisible by patch_size {self.patch_size}.')
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.')
+    if x.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(
+        f'Expected {self.image_size}x{self.image_size} images, got {x.shape[1]}x{x.shape[2]}: the '
+        'position embeddings are learned for one grid of patches.'
+      )
+    p = self.patch_size
+    x = nn.Conv(
+      self.hidden_size,
+      (p, p),
+      (p, p),
+      padding='VALID',
+      kernel_init=_normal02,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='patch_embed',
+    )(x.astype(self.dtype))
+    b, gh, gw, _ = x.shape
+    # The grid sides are static, so the batch (possibly symbolic) is the only unknown size.
+    x = x.reshape(b, gh * gw, self.hidden_size)
+    cls = self.param('cls_token', _normal02, (1, 1, self.hidden_size), self.param_dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.hidden_size)), x], axis=1)
+    pos = self.param('position_embeddings', _normal02, (1, gh * gw + 1, self.hidden_size), self.param_dtype)
+    x = x + pos.astype(self.dtype)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+    for i in range(self.num_layers):
+      x = ViTBlock(
+        self.hidden_size,
+        self.num_heads,
+        self.mlp_dim,
+        self.dropout_rate,
+        self.attention_dropout_rate,
+        self.layer_norm_eps,
+        self.dtype,
+        self.param_dtype,
+        name=f'layer_{i}',
+      )(x, train)
+
+    x = nn.LayerNorm(
+      epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name='final_norm'
+    )(x)
+    return nn.Dense(
+      self.num_classes, kernel_init=_normal02, dtype=self.dtype, param_dtype=self.param_dtype, name='head'
+    )(x[:, 0])

@@ -18,6 +18,10 @@ from oto_jax.structure import StructureContext
 _EMPTY: frozenset = frozenset()
 
 
+def _is_zero(val) -> bool:
+  return bool(np.all(np.asarray(val) == 0))
+
+
 class Proof:
   """Pushes zero channel slices through the program's steps.
 
@@ -67,32 +71,40 @@ class Proof:
 
   def _eqn(self, eqn: Eqn) -> None:
     zero: Zero = eqn.zero
+    kind = zero.kind
     args = eqn.ins
     ins = args if zero.operands is None else [args[i] for i in zero.operands]
-    had = frozenset().union(*(self.z(x) for x in ins)) if ins else _EMPTY
-    for out in eqn.outs:
-      at = self.atoms(out)
-      if not at:
-        continue
-      if zero.kind == 'keep':
-        zs = at & frozenset().union(*(self.atoms(x) for x in ins))
-        for x in ins:
-          zs = zs - (self.atoms(x) - self.z(x))
-      elif zero.kind == 'all':
-        ok = zero.literal_ok or (lambda val: np.all(np.asarray(val) == 0))
-        zs = at
-        for x in ins:
-          if isinstance(x, Literal):
-            zs = zs if ok(x.val) else _EMPTY
+    zmap = self.zero
+    zins = [zmap.get(x, _EMPTY) if type(x) is int else _EMPTY for x in ins]
+    had = zins[0] if len(zins) == 1 else frozenset().union(*zins)
+    if kind != 'none' and (had or (kind == 'all' and all(type(x) is not int for x in ins))):
+      for out in eqn.outs:
+        at = self.atoms(out)
+        if not at:
+          continue
+        if kind == 'keep':
+          if len(ins) == 1:
+            zs = at & had
           else:
-            zs = zs & self.z(x)
-      elif zero.kind == 'any':
-        zs = at & had
-      else:
-        zs = _EMPTY
-      self.zero[out] = zs
-      for a in (had & at) - zs:
-        self.lost.setdefault(a, eqn)
+            # Zero where every operand that carries the channel is zero on it.
+            zs = at & frozenset().union(*(self.atoms(x) for x in ins))
+            for x, zx in zip(ins, zins):
+              zs = zs - (self.atoms(x) - zx)
+        elif kind == 'all':
+          ok = zero.literal_ok or _is_zero
+          zs = at
+          for x, zx in zip(ins, zins):
+            zs = (zs if ok(x.val) else _EMPTY) if type(x) is not int else zs & zx
+        else:
+          zs = at & had
+        if zs:
+          zmap[out] = zs
+        for a in (had & at) - zs:
+          self.lost.setdefault(a, eqn)
+    elif had:
+      for out in eqn.outs:
+        for a in had & self.atoms(out):
+          self.lost.setdefault(a, eqn)
     if zero.contract is not None:
       self._contraction(eqn, zero.contract)
 

@@ -57,6 +57,8 @@ class StructureContext:
       self.base.append(first)
       first += len(shape)
     self.uses: dict[int, list[tuple[str, Any]]] = defaultdict(list)
+    self._shapes, self._syms = values.shapes, values.syms
+    self._generic_shapes: dict[tuple, tuple[int, ...]] = {}
     self._generic = {name: _GENERIC[i % len(_GENERIC)] for i, name in enumerate(sorted(env))}
 
   # Values.
@@ -86,14 +88,14 @@ class StructureContext:
   # Structure.
   def unite(self, a: Any, ax: int, b: Any, bx: int) -> None:
     """The channels of axis ``ax`` of ``a`` and axis ``bx`` of ``b`` are kept or cut together."""
-    if isinstance(a, Literal) or isinstance(b, Literal):
+    if type(a) is not int or type(b) is not int:  # a literal
       return
-    va, vb = self.values, self.values
-    n = va.shapes[a][ax]
-    if n != vb.shapes[b][bx] or n <= 1:
+    shapes = self._shapes
+    n = shapes[a][ax]
+    if n <= 1 or n != shapes[b][bx]:
       return
-    sa, sb = va.syms[a], vb.syms[b]
-    if (sa is not None or sb is not None) and va.sym(a)[ax] != vb.sym(b)[bx]:
+    sa, sb = self._syms[a], self._syms[b]
+    if (sa is not None or sb is not None) and (sa or shapes[a])[ax] != (sb or shapes[b])[bx]:
       return  # equal lengths at the analysed shapes only: not the same axis
     self.graph.union(self.base[a] + ax, self.base[b] + bx)
 
@@ -147,7 +149,11 @@ class StructureContext:
         self.graph.assign(node, PROD, [self.base[out] + k for k in gb])
 
   def _generic_shape(self, v: int) -> tuple[int, ...]:
-    return evaluate_shape(self.values.sym(v), self._generic)
+    sym = self.values.sym(v)
+    hit = self._generic_shapes.get(sym)
+    if hit is None:
+      hit = self._generic_shapes[sym] = evaluate_shape(sym, self._generic)
+    return hit
 
   def block_axis(self, v: Any, ax: int, reason: Any, step: Any = None, structural: bool = False) -> None:
     """Axis ``ax`` of ``v`` can never be pruned; ``structural`` axes are not channels at all.

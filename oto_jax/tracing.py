@@ -11,6 +11,7 @@ shapes instead, and the program says why it is fixed to them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -66,13 +67,22 @@ def _user_specs(args: tuple, kwargs: dict, spec: Any) -> list[str | None]:
   return out + auto[len(out) :]
 
 
+@functools.lru_cache(maxsize=64)
+def _scope(constraints: tuple[str, ...]) -> Any:
+  # One scope per set of constraints for the whole session: dimension variables are then the
+  # same objects in every analysis, so the trace caches of the jitted helpers inside a model
+  # (nn.relu, …) answer as they do for fixed shapes, instead of tracing them all again.
+  return jax.export.SymbolicScope(constraints)
+
+
 def _symbolic(leaves: list, specs: list[str | None], constraints: Sequence[str]) -> list:
   """The array leaves as ``ShapeDtypeStruct`` s with symbolic dimensions, in one scope."""
   arrays = [x for x in leaves if is_array(x)]
   array_specs = [s for x, s in zip(leaves, specs) if is_array(x)]
   abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
   try:
-    return list(jax.export.symbolic_args_specs(abstract, array_specs, constraints=tuple(constraints)))
+    scope = _scope(tuple(constraints))
+    return list(jax.export.symbolic_args_specs(abstract, array_specs, scope=scope))
   except ValueError as e:
     raise AnalysisError(f'Bad polymorphic_shapes or polymorphic_constraints: {e}') from e
 
