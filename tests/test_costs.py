@@ -20,7 +20,8 @@ import pytest
 from flax import nnx
 
 import oto_jax
-from tests.zoo import linen_zoo, nnx_zoo
+from tests import arch
+from tests.zoo import models
 
 BATCH = 2
 
@@ -61,7 +62,7 @@ def _num_trainable(variables, collection: str = 'params') -> int:
 )
 def test_params_total_is_the_trainable_parameter_count(name: str):
   """``params.total`` is the number of entries of the params collection (not batch_stats)."""
-  case = linen_zoo.CASES[name]()
+  case = models.CASES[name]()
   part = oto_jax.zig_partition(case.apply_fn, case.variables, *case.args, **case.kwargs)
   assert part.params.total == _num_trainable(case.variables)
   all_entries = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(case.variables))
@@ -74,7 +75,7 @@ def test_params_total_is_the_trainable_parameter_count(name: str):
 
 def test_params_total_nnx_counts_only_params():
   """For an NNX state, ``params.total`` counts nnx.Param variables, not BatchNorm statistics."""
-  case = nnx_zoo.CASES['nnx/resnet']()
+  case = models.CASES['nnx/resnet_basic']()
   part = oto_jax.zig_partition(case.apply_fn, case.variables, *case.args)
   params = nnx.filter_state(case.variables, nnx.Param)
   stats = nnx.filter_state(case.variables, nnx.BatchStat)
@@ -128,7 +129,7 @@ class Attention(nn.Module):
     b, t, _ = x.shape
     shape = (b, t, self.heads, self.head_dim)
     q, k, v = (nn.Dense(self.heads * self.head_dim, name=n)(x).reshape(shape) for n in ('q', 'k', 'v'))
-    o = linen_zoo._attend(q, k, v).reshape((b, t, self.heads * self.head_dim))
+    o = models.attend(q, k, v).reshape((b, t, self.heads * self.head_dim))
     return nn.Dense(12, name='out')(o)
 
 
@@ -230,7 +231,7 @@ def _xla_flops(fn, *args) -> float:
 @pytest.mark.parametrize('batch', [1, 32])
 def test_dense_flops_match_xla(batch: int):
   """For a dense MLP (no convolution padding taps) the FLOPs agree with XLA's cost analysis."""
-  model, x = linen_zoo.MLP(widths=(64, 48)), jnp.zeros((batch, 32), jnp.float32)
+  model, x = arch.linen(models.mlp(widths=(64, 48))), jnp.zeros((batch, 32), jnp.float32)
   shapes = jax.eval_shape(model.init, jax.random.key(0), x)
   part = oto_jax.zig_partition(model.apply, shapes, x)
   # 2 per multiply-accumulate plus one per bias add and relu, as XLA counts them: the two agree
@@ -241,7 +242,7 @@ def test_dense_flops_match_xla(batch: int):
   assert part.flops.total == pytest.approx(_xla_flops(model.apply, shapes, x), rel=0.02)
   # The narrower MLP too, from the kept ZIGs.
   keep = _keep(part, (_group(part, ('params', 'Dense_0', 'kernel'), 1), range(20)))
-  slim = linen_zoo.MLP(widths=(44, 48))
+  slim = arch.linen(models.mlp(widths=(44, 48)))
   slim_shapes = jax.eval_shape(slim.init, jax.random.key(0), x)
   assert part.flops.evaluate(keep) == pytest.approx(_xla_flops(slim.apply, slim_shapes, x), rel=0.02)
 
@@ -251,7 +252,7 @@ def test_dense_flops_match_xla(batch: int):
 
 
 class Unrolled(nn.Module):
-  """linen_zoo.ScanStack written as a Python loop: separate parameters per block."""
+  """The zoo's scan_stack written as a Python loop: separate parameters per block."""
 
   width: int = 32
   hidden: int = 24
@@ -261,15 +262,15 @@ class Unrolled(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(self.width)(x)
-    for _ in range(self.depth):
-      x = linen_zoo.ResMLPBlock(self.hidden)(x)
+    for i in range(self.depth):
+      x = arch.LinenArch(functools.partial(models.res_mlp_block, self.hidden), name=f'ResMLPBlock_{i}')(x)
     return nn.Dense(self.classes)(x)
 
 
 def test_scan_flops_are_length_times_one_layer():
   """nn.scan over d blocks costs d blocks: equal to the unrolled loop, linear in the length."""
   x = jnp.zeros((BATCH, 16), jnp.float32)
-  scans = {d: _partition(linen_zoo.ScanStack(depth=d), x) for d in (1, 2, 3)}
+  scans = {d: _partition(arch.linen(models.scan_stack(depth=d)), x) for d in (1, 2, 3)}
   unrolled = _partition(Unrolled(depth=3), x)
   b, w, h = BATCH, 32, 24
   layer = 2 * b * w * h + b * h + b * h + 2 * b * h * w + b * w + b * w  # dense, bias, relu, dense, bias, add
@@ -284,11 +285,11 @@ def test_scan_flops_are_length_times_one_layer():
   (s_hidden,) = [g for g in scan.prunable_groups if g is not s_stream]
   assert (s_stream.size, s_hidden.size) == (32, 24), scan.summary()
   u_stream = _group(unrolled, ('params', 'Dense_0', 'kernel'), 1)
-  u_hidden = [_group(unrolled, ('params', f'ResMLPBlock_{i}', 'Dense_1', 'kernel'), 1) for i in range(3)]
+  u_hidden = [_group(unrolled, ('params', f'ResMLPBlock_{i}', 'Dense_0', 'kernel'), 1) for i in range(3)]
   stream_drop, hidden_drop = [1, 4, 30], [0, 7]
   keep_scan = _keep(scan, (s_stream, stream_drop), (s_hidden, hidden_drop))
   keep_unrolled = _keep(unrolled, (u_stream, stream_drop), *[(g, hidden_drop) for g in u_hidden])
-  slim = _partition(linen_zoo.ScanStack(width=29, hidden=22, depth=3), x)
+  slim = _partition(arch.linen(models.scan_stack(width=29, hidden=22, depth=3)), x)
   for kind in ('flops', 'params'):
     got = getattr(scan, kind).evaluate(keep_scan)
     assert got == getattr(unrolled, kind).evaluate(keep_unrolled) == getattr(slim, kind).total

@@ -29,7 +29,8 @@ import pytest
 from flax import nnx
 
 import oto_jax
-from tests.zoo import linen_zoo, nnx_zoo
+from tests import arch
+from tests.zoo import models
 
 
 def _fast_jit(fn):
@@ -359,14 +360,13 @@ def test_blocks_compose_with_adam():
 def _vit1():
   # The zoo's ViT with one layer instead of two: the same blocks (patch conv, class token,
   # pre-norm attention with 4 heads, GELU MLP of 64), half the compile time.
-  inputs = (linen_zoo._images(8, 16),)
-  return linen_zoo._case('linen/vit1', linen_zoo.ViT(layers=1), inputs, 68, [4, 64])
+  return models.case('linen', 'vit1', models.vit(layers=1), (models.images(8, 16),), 68, [4, 64])
 
 
 @functools.cache
 def _zoo(name: str):
   """(case, partition, regression target) for a linen zoo case."""
-  case = _vit1() if name == 'linen/vit1' else linen_zoo.CASES[name]()
+  case = _vit1() if name == 'linen/vit1' else models.CASES[name]()
   part = oto_jax.zig_partition(case.apply_fn, case.variables, *case.args, **case.kwargs)
   assert part.num_zigs == case.num_zigs, part.summary()
   out = case.apply_fn(case.variables, *case.args, **case.kwargs)
@@ -584,9 +584,9 @@ class NNXNet(nnx.Module):
 def test_nnx_optimizer_with_hesso_reaches_the_exact_target():
   """nnx.Optimizer(model, hesso(...), wrt=nnx.Param): exactly ⌊0.5 · 24⌋ ZIGs zero, BN stats untouched."""
   # Shapes only from the constructor (eager initialisers compile once per shape), values from
-  # the NNX zoo's numpy draws; eval mode: BatchNorm reads its running statistics.
+  # tests.arch's numpy draws; eval mode: BatchNorm reads its running statistics.
   graphdef, shapes = nnx.split(nnx.eval_shape(lambda: NNXNet(nnx.Rngs(0))))
-  model = nnx.merge(graphdef, nnx_zoo._randomize(shapes))
+  model = nnx.merge(graphdef, arch.randomize(shapes, 'nnx'))
   model.eval()
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((4, 6, 6, 3)), jnp.float32)

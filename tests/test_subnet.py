@@ -30,9 +30,10 @@ import pytest
 import oto_jax
 import oto_jax.tracing
 from oto_jax.partition import path_of
-from tests.zoo import common, linen_zoo, nnx_zoo
+from tests import arch
+from tests.zoo import common, models
 
-CASES = {**linen_zoo.CASES, **nnx_zoo.CASES}
+CASES = models.CASES
 NAMES = sorted(CASES)
 # The checks compare values, not speed: LLVM's -O0 halves XLA's compile time on CPU, which is
 # most of this file's runtime (one compile per zoo model and ZIG subset).
@@ -283,7 +284,7 @@ def test_zoo_whole_group_kinds_covered():
 # 2. jit and grad through the slim model.
 
 
-@pytest.mark.parametrize('name', ['linen/mha_encoder', 'nnx/resnet'])
+@pytest.mark.parametrize('name', ['linen/mha_encoder', 'nnx/resnet_basic'])
 def test_jit_and_grad_through_apply(name: str):
   """jax.jit(sub.apply) matches the zeroed model; grads are slim, finite and equal the full grads sliced."""
   case, part = _case(name), _partition(name)
@@ -358,7 +359,7 @@ def test_training_continues_on_slim_model():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((16, 8, 8, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 4, (16,)), jnp.int32)
-  variables = linen_zoo._random_variables(jax.eval_shape(model.init, jax.random.key(0), x), jax.random.key(1))
+  variables = arch.randomize(jax.eval_shape(model.init, jax.random.key(0), x), 'linen', seed=1)
 
   def train_apply(v, x):
     return model.apply(v, x, train=True, mutable=['batch_stats'])
@@ -587,7 +588,7 @@ def test_count_flops_matches_xla_for_dense_mlp():
       return nn.Dense(10)(x)
 
   model, x = MLP(), jnp.ones((32, 128), jnp.float32)
-  variables = linen_zoo._random_variables(jax.eval_shape(model.init, jax.random.key(0), x), jax.random.key(0))
+  variables = arch.randomize(jax.eval_shape(model.init, jax.random.key(0), x), 'linen')
   ours = oto_jax.count_flops(model.apply, variables, x)
   cost = jax.jit(model.apply).lower(variables, x).compile().cost_analysis()
   xla = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])

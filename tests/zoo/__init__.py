@@ -1,1 +1,1 @@
-"""A zoo of models in Flax linen and NNX, each with the ZIG count derived by hand."""
+"""The model zoo (one spec per model, built in Flax linen and NNX) and its shared checks."""
