@@ -98,7 +98,7 @@ def construct_time(name: str) -> dict:
   variables = jax.jit(model.init)(jax.random.key(0), x)
   part = oto_jax.zig_partition(model.apply, variables, x)
   ids = np.random.default_rng(0).choice(part.num_zigs, part.num_zigs // 2, replace=False)
-  zeroed = jax.block_until_ready(jax.jit(part.zero)(variables, ids))
+  zeroed = jax.block_until_ready(jax.jit(part.zero)(variables, part.zig_mask(ids)))
   t = time.perf_counter()
   sub = oto_jax.construct_subnet(part, zeroed)
   jax.block_until_ready(sub.variables)

@@ -19,8 +19,13 @@ start one process per host with ``--coordinator HOST:PORT --num-processes N --pr
 (or the environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
 ``JAX_PROCESS_ID``): every process reads the same data and batches, each feeds its own
 devices, and only process 0 writes the reports. An Orbax checkpoint is written after every
-epoch; ``--resume`` continues from the last one and ends with exactly the result of an
-uninterrupted run.
+epoch, the last two kept, each with a SHA-256 manifest of its files (``sha256.json``);
+``--resume`` continues from the newest one that matches its manifest and holds finite values
+(reporting and skipping a corrupt one) and ends with exactly the result of an uninterrupted run.
+
+The config (``--set``) is checked before any work (:meth:`experiments.configs.Config.check`),
+and so is the output directory; such problems, and unusable checkpoints, end the CLI with one
+``error: …`` line.
 """
 
 from __future__ import annotations
@@ -28,9 +33,14 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import glob
+import hashlib
 import json
 import os
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 import oto_jax
 from experiments import baselines, models, squad
 from experiments import data as data_lib
-from experiments.configs import CONFIGS, Config
+from experiments.configs import CONFIGS, Config, ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Models.
@@ -223,6 +233,116 @@ def make_optimizer(cfg: Config, kind: str, part, steps_per_epoch: int) -> optax.
   raise ValueError(f'Unknown optimizer {kind!r}; use hspg, dhspg, hesso, prox_sg or dense.')
 
 
+class RunError(RuntimeError):
+  """An output directory or checkpoint a run cannot use; the CLI reports it in one line."""
+
+
+# In each checkpoint step's directory: the size and SHA-256 of its every file, written once Orbax
+# has finished the step, so that a resume tells a damaged step from a good one.
+MANIFEST = 'sha256.json'
+
+
+def _file_digests(step_dir: str) -> dict[str, dict]:
+  digests = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel != MANIFEST:
+        with open(path, 'rb') as f:
+          digests[rel] = {
+            'bytes': os.path.getsize(path),
+            'sha256': hashlib.file_digest(f, 'sha256').hexdigest(),
+          }
+  return digests
+
+
+def write_manifest(step_dir: str) -> None:
+  """Records the files of a finished checkpoint step (a crash mid-write only makes the step
+  look corrupt, and a resume falls back to the one before)."""
+  digests = _file_digests(step_dir)
+  with open(os.path.join(step_dir, MANIFEST), 'w') as f:
+    json.dump(digests, f, indent=1)
+
+
+def checkpoint_problem(step_dir: str) -> str | None:
+  """What differs between a checkpoint step's files and its manifest, or None when nothing does."""
+  try:
+    with open(os.path.join(step_dir, MANIFEST)) as f:
+      want = json.load(f)
+  except (OSError, ValueError):
+    return f'its manifest {MANIFEST} is missing or unreadable'
+  have = _file_digests(step_dir)
+  for rel, digest in want.items():
+    got = have.get(rel)
+    if got is None:
+      return f'{rel} is missing'
+    if got['bytes'] != digest['bytes']:
+      return f'{rel} has {got["bytes"]} bytes instead of {digest["bytes"]} (truncated?)'
+    if got != digest:
+      return f'{rel} does not match its SHA-256'
+  return None
+
+
+def remove_partial_saves(root: str) -> None:
+  """Deletes what failed Orbax saves left under ``root`` (``*.orbax-checkpoint-tmp*``)."""
+  for path in glob.glob(os.path.join(glob.escape(root), '**', '*.orbax-checkpoint-tmp*'), recursive=True):
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _one_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {lines[0]}' if lines else type(e).__name__
+
+
+def _finite(tree: Any) -> bool:
+  return all(
+    bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  )
+
+
+def _save(ckpt, step: int, args) -> None:
+  """Writes checkpoint ``step`` and its manifest.
+
+  Raises:
+    RunError: the step could not be written (a full disk, a lost mount, a step already there).
+  """
+  try:
+    ckpt.save(step, args=args)
+    if jax.process_index() == 0:
+      write_manifest(os.path.join(ckpt.directory, str(step)))
+  except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types for one failed write
+    raise RunError(f'could not write checkpoint step {step} in {ckpt.directory}: {_one_line(e)}') from e
+
+
+def _restore_newest_good(ckpt, args) -> tuple[int, Any]:
+  """The newest checkpoint step that matches its manifest and holds finite values, restored:
+  ``(step, restored)``, or ``(0, None)`` when there is none yet.
+
+  A corrupt step is reported on stderr and, once an earlier good one is found, deleted: the run
+  writes it again.
+
+  Raises:
+    RunError: no step is good.
+  """
+  steps = sorted(ckpt.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
+    problem = checkpoint_problem(os.path.join(ckpt.directory, str(step)))
+    if problem is None:
+      restored = ckpt.restore(step, args=args)
+      if _finite(restored.state):
+        for bad in steps[:i]:
+          ckpt.delete(bad)
+        return step, restored
+      problem = 'it restores NaN or infinite values'
+    where = f'checkpoint step {step} in {ckpt.directory} is corrupt: {problem}'
+    if i + 1 == len(steps):
+      raise RunError(f'{where}; no earlier good step is left: remove {ckpt.directory} to train from scratch.')
+    if jax.process_index() == 0:
+      print(f'warning: {where}; falling back to step {steps[i + 1]}.', file=sys.stderr, flush=True)
+  return 0, None
+
+
 def train(
   cfg: Config,
   kind: str,
@@ -252,12 +372,17 @@ def train(
   if cfg.init_checkpoint:
     variables = models.load_hf_bert(cfg.init_checkpoint, variables)
   part = oto_jax.zig_partition(model.apply, variables, x0) if kind != 'dense' else None
-  steps_per_epoch = max(1, len(ds.x_train) // cfg.batch_size)
+  if cfg.batch_size > len(ds.x_train):
+    raise ConfigError(
+      f'batch_size={cfg.batch_size} exceeds the {len(ds.x_train)} training examples of {cfg.dataset}: an '
+      'epoch would have no batch; lower it.'
+    )
+  steps_per_epoch = len(ds.x_train) // cfg.batch_size
   tx = make_optimizer(cfg, 'dense' if kind == 'l1' else kind, part, steps_per_epoch)
   if kind == 'l1' and flops_keep is None:
     raise ValueError("kind='l1' needs flops_keep, the fraction of FLOPs the pruned model keeps.")
   if kind == 'l1' and not 0 <= cfg.l1_prune_at < cfg.epochs:
-    raise ValueError(
+    raise ConfigError(
       f"The L1 baseline prunes at epoch {cfg.l1_prune_at}, outside the run's {cfg.epochs} epochs: set "
       'l1_prune_epoch (or start_pruning_epoch + pruning_epochs) below epochs, or l1_baseline=False.'
     )
@@ -269,7 +394,7 @@ def train(
 
   mesh = mesh or _mesh()
   if cfg.batch_size % mesh.devices.size:
-    raise ValueError(f'batch_size {cfg.batch_size} must divide over the {mesh.devices.size} devices.')
+    raise ConfigError(f'batch_size={cfg.batch_size} must divide over the {mesh.devices.size} devices.')
   state_sharding = _param_sharding(mesh, (params, stats, opt_state), fsdp)
   mask_sharding = _param_sharding(mesh, mask, fsdp)
   params, stats, opt_state = jax.device_put((params, stats, opt_state), state_sharding)
@@ -294,7 +419,8 @@ def train(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, stats), grads = grad_fn(params, stats, x, y, dropout_key)
     updates, opt_state = tx.update(grads, opt_state, params)
-    updates = jax.tree.map(jnp.multiply, updates, mask)
+    # `where`, not a product: a pruned entry stays zero even when its update is NaN.
+    updates = jax.tree.map(lambda u, m: jnp.where(m > 0, u, jnp.zeros((), u.dtype)), updates, mask)
     return optax.apply_updates(params, updates), stats, opt_state, loss
 
   step = jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=(*state_sharding, None))
@@ -302,52 +428,74 @@ def train(
 
   history: list = []
   start = 0
-  ckpt = (
-    ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=ocp.CheckpointManagerOptions(max_to_keep=1))
-    if ckpt_dir
-    else None
-  )
-  if ckpt is not None and resume and ckpt.latest_step() is not None:
-    start = ckpt.latest_step()
-    target = {'params': params, 'stats': stats, 'opt_state': opt_state, 'mask': mask}
-    restored = ckpt.restore(
-      start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+  ckpt = None
+  if ckpt_dir:
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=2,  # the newest step, and the one to fall back on when it is corrupt
+      enable_async_checkpointing=False,  # the manifest hashes finished files
+      cleanup_tmp_directories=True,  # what a killed run was writing
     )
-    params, stats, opt_state, mask = (restored.state[k] for k in ('params', 'stats', 'opt_state', 'mask'))
-    history = restored.meta['history']
-    pruned_ids = np.asarray(restored.meta.get('pruned_ids', []), np.int64)
-  bar = tqdm(range(start, cfg.epochs), desc=f'{cfg.name} {kind}', disable=not progress, leave=False)
-  for epoch in bar:
-    if kind == 'l1' and epoch == cfg.l1_prune_at:
-      pruned_ids = np.flatnonzero(~baselines.l1_prune(part, to_host(params), flops_keep))
-      params = jax.device_put(part.zero(params, pruned_ids), state_sharding[0])
-      mask = jax.device_put(part.zero(mask, pruned_ids), mask_sharding)
-    losses = []
-    epoch_batches = data_lib.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed, epoch=epoch)
-    for i, (xb, yb) in enumerate(data_lib.prefetch(epoch_batches)):
-      key = jax.random.fold_in(jax.random.key(seed), epoch * steps_per_epoch + i)
-      xb, yb = jax.device_put((xb, yb), batch_sharding)
-      params, stats, opt_state, loss = step(params, stats, opt_state, mask, xb, yb, key)
-      losses.append(loss)
-    rec = {
-      'epoch': epoch + 1,
-      'loss': float(np.mean(jax.device_get(losses))),
-      'test_acc': _accuracy(evaluate, {'params': params, 'batch_stats': stats}, ds.x_test, ds.y_test),
-      'group_sparsity': float(oto_jax.group_sparsity(part, params)) if part is not None else 0.0,
-    }
-    history.append(rec)
-    bar.set_postfix(
-      loss=f'{rec["loss"]:.3f}', acc=f'{rec["test_acc"]:.3f}', sparsity=f'{rec["group_sparsity"]:.2f}'
-    )
-    if ckpt is not None:
-      state = {'params': params, 'stats': stats, 'opt_state': opt_state, 'mask': mask}
-      meta = {'history': history, 'pruned_ids': pruned_ids.tolist()}
-      ckpt.save(
-        epoch + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    ckpt = ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
+    earlier = list(ckpt.all_steps())
+    if earlier and not resume:
+      ckpt.close()
+      raise RunError(
+        f'{ckpt_dir} holds the checkpoints of an earlier run (steps {earlier}): pass --resume to continue '
+        'it, or choose another --out.'
       )
-  if ckpt is not None:
-    ckpt.wait_until_finished()
-    ckpt.close()
+  try:
+    if ckpt is not None and resume:
+      target = {'params': params, 'stats': stats, 'opt_state': opt_state, 'mask': mask}
+      start, restored = _restore_newest_good(
+        ckpt, ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+      )
+      if start > cfg.epochs:
+        raise RunError(
+          f'checkpoint step {start} in {ckpt_dir} is past this run of {cfg.epochs} epochs: resume with '
+          f'epochs={start} or more, or choose another --out.'
+        )
+      if restored is not None:
+        params, stats, opt_state, mask = (restored.state[k] for k in ('params', 'stats', 'opt_state', 'mask'))
+        history = restored.meta['history']
+        pruned_ids = np.asarray(restored.meta.get('pruned_ids', []), np.int64)
+    bar = tqdm(range(start, cfg.epochs), desc=f'{cfg.name} {kind}', disable=not progress, leave=False)
+    for epoch in bar:
+      if kind == 'l1' and epoch == cfg.l1_prune_at:
+        pruned_ids = np.flatnonzero(~baselines.l1_prune(part, to_host(params), flops_keep))
+        params = jax.device_put(part.zero(params, pruned_ids), state_sharding[0])
+        mask = jax.device_put(part.zero(mask, pruned_ids), mask_sharding)
+      losses = []
+      epoch_batches = data_lib.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed, epoch=epoch)
+      for i, (xb, yb) in enumerate(data_lib.prefetch(epoch_batches)):
+        key = jax.random.fold_in(jax.random.key(seed), epoch * steps_per_epoch + i)
+        xb, yb = jax.device_put((xb, yb), batch_sharding)
+        params, stats, opt_state, loss = step(params, stats, opt_state, mask, xb, yb, key)
+        losses.append(loss)
+      rec = {
+        'epoch': epoch + 1,
+        'loss': float(np.mean(jax.device_get(losses))),
+        'test_acc': _accuracy(evaluate, {'params': params, 'batch_stats': stats}, ds.x_test, ds.y_test),
+        'group_sparsity': float(oto_jax.group_sparsity(part, params)) if part is not None else 0.0,
+      }
+      history.append(rec)
+      bar.set_postfix(
+        loss=f'{rec["loss"]:.3f}', acc=f'{rec["test_acc"]:.3f}', sparsity=f'{rec["group_sparsity"]:.2f}'
+      )
+      if ckpt is not None:
+        state = {'params': params, 'stats': stats, 'opt_state': opt_state, 'mask': mask}
+        meta = {'history': history, 'pruned_ids': pruned_ids.tolist()}
+        _save(
+          ckpt,
+          epoch + 1,
+          ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        )
+  except BaseException:
+    if ckpt_dir:
+      remove_partial_saves(ckpt_dir)
+    raise
+  finally:
+    if ckpt is not None:
+      ckpt.close()
   variables = {'params': to_host(params), 'batch_stats': to_host(stats)}
   if not variables['batch_stats']:
     variables.pop('batch_stats')
@@ -397,7 +545,14 @@ def _speedup(full, slim, full_vars, slim_vars, x, repeats: int = 30) -> tuple[fl
 def run_experiment(
   cfg: Config, *, seed: int, out: str | None, resume: bool = False, fsdp: bool = False, progress: bool = True
 ) -> dict:
-  """Dense baseline + OTO training + subnet + evaluation; writes the artefacts under ``out``."""
+  """Dense baseline + OTO training + subnet + evaluation; writes the artefacts under ``out``.
+
+  Raises:
+    RunError: ``out`` is not writable (found before any work), or a checkpoint cannot be written
+      or resumed from.
+  """
+  if out:
+    check_writable(out)
   ds = load_data(cfg, seed)
   results: dict[str, Any] = {'config': dataclasses.asdict(cfg), 'seed': seed, 'devices': len(jax.devices())}
   t0 = time.perf_counter()
@@ -441,15 +596,42 @@ def run_experiment(
     results['l1_history'] = l1.history
   results['seconds'] = time.perf_counter() - t0
   if out and jax.process_index() == 0:  # one writer in a multi-process run
-    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'results.json'), 'w') as f:
       json.dump(results, f, indent=1)
     with open(os.path.join(out, 'results.md'), 'w') as f:
       f.write(markdown(results) + '\n\n' + rep.markdown() + '\n')
     plot(results, out)
   if out:
-    oto_jax.save_subnet(os.path.join(out, 'slim'), sub, xb)  # every process takes part
+    slim = os.path.join(out, 'slim')
+    if jax.process_index() == 0 and os.path.exists(slim):
+      shutil.rmtree(slim)  # an earlier run's, which Orbax would refuse to overwrite (a resumed run)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices('experiments.train: earlier slim model removed')
+    try:
+      oto_jax.save_subnet(slim, sub, xb)  # every process takes part
+    except BaseException:
+      remove_partial_saves(slim)
+      raise
   return results
+
+
+def check_writable(out: str) -> None:
+  """Creates ``out`` and writes and deletes a file in it, so that a bad ``--out`` fails at once.
+
+  Raises:
+    RunError: ``out`` cannot be created or written to.
+  """
+  try:
+    os.makedirs(out, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out, prefix='.write-probe-') as f:
+      f.write(b'probe')
+      f.flush()
+  except OSError as e:
+    raise RunError(
+      f'the output directory {out} is not writable ({e.strerror or e}): choose another --out.'
+    ) from None
 
 
 def markdown(r: dict) -> str:
@@ -484,63 +666,104 @@ def markdown(r: dict) -> str:
   return head + '\n'.join(f'| {a} | {b} |' for a, b in rows)
 
 
-def plot(r: dict, out: str) -> None:
-  import matplotlib
+def curves_figure(r: dict) -> Any:
+  """Test accuracy, train loss (log scale: it spans decades) and group sparsity per epoch, for
+  every model the run trained; HESSO's pruning window is shaded."""
+  from matplotlib.figure import Figure
 
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+  cfg = r['config']
+  fig = Figure(figsize=(13, 3.8), layout='constrained')
+  axes = fig.subplots(1, 3)
+  panels = (
+    ('test_acc', 'test accuracy', 'accuracy'),
+    ('loss', 'train loss', 'cross-entropy (log scale)'),
+    ('group_sparsity', 'group sparsity', 'fraction of ZIGs at zero'),
+  )
   curves = (
     ('dense', r.get('dense_history')),
     ('OTO', r['oto_history']),
     ('L1 + fine-tune', r.get('l1_history')),
   )
-  for label, hist in curves:
-    if not hist:
-      continue
-    ep = [h['epoch'] for h in hist]
-    axes[0].plot(ep, [h['test_acc'] for h in hist], label=label)
-    axes[1].plot(ep, [h['loss'] for h in hist], label=label)
-    axes[2].plot(ep, [h['group_sparsity'] for h in hist], label=label)
-  for ax, t in zip(axes, ('test accuracy', 'train loss', 'group sparsity')):
-    ax.set_title(t)
-    ax.set_xlabel('epoch')
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, 'curves.png'), dpi=110)
-  plt.close(fig)
-  fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(r['widths'])), 3.5))
-  idx = np.arange(len(r['widths']))
-  ax.bar(idx - 0.2, [w['full'] for w in r['widths']], 0.4, label='full')
-  ax.bar(idx + 0.2, [w['slim'] for w in r['widths']], 0.4, label='slim')
-  ax.set_xticks(
-    idx,
-    [w['where'].split('/')[-2] if '/' in w['where'] else w['where'] for w in r['widths']],
-    rotation=60,
-    ha='right',
-    fontsize=7,
+  for ax, (key, title, ylabel) in zip(axes, panels):
+    for label, hist in curves:
+      if hist:
+        ax.plot([h['epoch'] for h in hist], [h[key] for h in hist], label=label)
+    if cfg['optimizer'] == 'hesso':
+      start = cfg['start_pruning_epoch']
+      ax.axvspan(start, start + cfg['pruning_epochs'], color='0.9', zorder=0, label='HESSO pruning')
+    ax.set(title=title, xlabel='epoch', ylabel=ylabel)
+    ax.legend(fontsize=8)
+  axes[1].set_yscale('log')
+  fig.suptitle(f'{cfg["name"]}, seed {r["seed"]}: training curves')
+  return fig
+
+
+def widths_figure(r: dict) -> Any:
+  """Each prunable node group's width in the full and the slim model, one bar per producing
+  layer; horizontal bars keep a deep model's layer names readable."""
+  from matplotlib.figure import Figure
+
+  widths = r['widths']
+  n = len(widths)
+  fig = Figure(figsize=(8, 1.6 + 0.24 * n), layout='constrained')
+  ax = fig.subplots()
+  y = np.arange(n)
+  full = [w['full'] for w in widths]
+  slim = [w['slim'] for w in widths]
+  ax.barh(y, full, 0.8, color='0.82', label='full')
+  ax.barh(y, slim, 0.8, color='tab:blue', label='slim (kept)')
+  for k, (a, b) in enumerate(zip(full, slim)):
+    ax.text(a, k, f' {b}/{a}', va='center', fontsize=7)
+  ax.set_yticks(y, [w['where'] for w in widths], fontsize=8)
+  ax.invert_yaxis()  # read top to bottom, like the table in results.md
+  ax.margins(y=0.5 / max(n, 1))
+  ax.set_xlim(0, 1.12 * max(full, default=1))
+  ax.set(
+    xlabel='width (channels, units or heads)',
+    ylabel='producing layer',
+    title=(
+      f'{r["config"]["name"]}: widths, full vs slim ({100 * r["flops_remaining"]:.1f}% of FLOPs, '
+      f'{100 * r["params_remaining"]:.1f}% of parameters kept)'
+    ),
   )
-  ax.set_ylabel('width')
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, 'widths.png'), dpi=110)
-  plt.close(fig)
+  ax.title.set_fontsize(10)
+  fig.legend(loc='outside lower center', ncol=2, fontsize=8)  # outside: no bar hides under it
+  return fig
+
+
+def plot(r: dict, out: str) -> None:
+  """Writes ``curves.png`` and ``widths.png`` under ``out``."""
+  for name, fig in (('curves.png', curves_figure(r)), ('widths.png', widths_figure(r))):
+    fig.savefig(os.path.join(out, name), dpi=110)
 
 
 def parse_set(cfg: Config, items: list[str]) -> Config:
-  """Applies ``key=value`` overrides; values are Python literals, else strings."""
+  """Applies ``key=value`` overrides (values are Python literals, else strings) and checks the
+  result: :meth:`~experiments.configs.Config.check`, and a model of :data:`MODELS`.
+
+  Raises:
+    SystemExit: a malformed item, an unknown key, a bad value or combination, in one line.
+  """
   fields = {f.name for f in dataclasses.fields(cfg)}
   changes = {}
   for item in items:
     key, sep, value = item.partition('=')
     if not sep or key not in fields:
-      raise SystemExit(f'--set {item!r}: expected key=value with key one of {sorted(fields)}.')
+      raise SystemExit(f'error: --set {item!r}: expected key=value with key one of {sorted(fields)}.')
     try:
       changes[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       changes[key] = value
-  return cfg.replace(**changes)
+  cfg = cfg.replace(**changes)
+  try:
+    cfg.check()
+  except ConfigError as e:
+    raise SystemExit(f'error: {e}') from None
+  if cfg.model not in MODELS:
+    raise SystemExit(
+      f'error: model={cfg.model!r} is invalid: expected one of {sorted(MODELS)}; fix it with --set model=...'
+    )
+  return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -556,16 +779,18 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument('--num-processes', type=int, default=int(env('JAX_NUM_PROCESSES', '1')))
   ap.add_argument('--process-id', type=int, default=int(env('JAX_PROCESS_ID', '0')))
   args = ap.parse_args(argv)
-  if args.coordinator:
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   cfg = parse_set(CONFIGS[args.config], args.set)
   seed = cfg.seed if args.seed is None else args.seed
+  if seed < 0:
+    raise SystemExit(f'error: --seed {seed} is invalid: expected an integer >= 0.')
+  if args.coordinator:
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   out = args.out or os.path.join('runs', f'{cfg.name}-seed{seed}')
   try:
     r = run_experiment(
       cfg, seed=seed, out=out, resume=args.resume, fsdp=args.fsdp, progress=jax.process_index() == 0
     )
-  except (FileNotFoundError, NotImplementedError) as e:
+  except (ConfigError, RunError, OSError, NotImplementedError) as e:
     raise SystemExit(f'error: {e}') from None
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -27,6 +27,8 @@ import numpy as np
 
 from oto_jax import primitives, structure, tracing
 from oto_jax.axis_zigs import AxisZigs
+from oto_jax.errors import AnalysisError
+from oto_jax.ir import Call, Cond, Eqn, Loop
 from oto_jax.partition import GroupEntry, NodeGroup, ZIGPartition
 from oto_jax.paths import Path, input_name, path_of, path_str
 from oto_jax.proof import Proof
@@ -141,6 +143,13 @@ def zig_partition(
       ctx.block_all([v], 'feeds the model output')
 
   is_trainable = [bool(trainable(p, x)) for p, x in zip(traced.var_paths, traced.var_leaves)]
+  sources = {v for v, t in zip(var_vals, is_trainable) if t}
+  if sources and not _reaches_output(prog.steps, sources, prog.outs):
+    raise AnalysisError(
+      'The output of the function does not depend on any trainable variable, so every channel would '
+      'look removable. Check that apply_fn uses the variables it is given (a linen model: '
+      'model.apply(variables, x); NNX: nnx.merge(graphdef, state)(x)).'
+    )
   proof = Proof(ctx)
   produced = [_produced_axes(ctx, v) if t else _EMPTY for v, t in zip(var_vals, is_trainable)]
   for v, axes in zip(var_vals, produced):
@@ -158,6 +167,46 @@ def zig_partition(
     program=prog,
     axes=AxisZigs(ctx.graph, tuple(ctx.base), offsets),
   )
+
+
+def _reads(step: Any) -> Iterator[Any]:
+  """Every value a step reads, at any depth (a loop or branch reads the caller's values in place)."""
+  if isinstance(step, Eqn):
+    yield from step.ins
+  elif isinstance(step, Call):
+    yield from step.ins
+    for s in step.body:
+      yield from _reads(s)
+  elif isinstance(step, Loop):
+    yield from (c.init for c in step.carries)
+    yield from (r for pair in step.xs for r in pair)
+    for s in (*step.cond, *step.body):
+      yield from _reads(s)
+  else:
+    yield step.index
+    for b in step.branches:
+      yield from b.outs
+      for s in b.steps:
+        yield from _reads(s)
+
+
+def _writes(step: Any) -> Iterator[Any]:
+  """The caller's values a step defines (and, for a loop, every value paired with them)."""
+  if isinstance(step, (Eqn, Call, Cond)):
+    yield from step.outs
+  else:
+    yield from (c.final for c in step.carries)
+    yield from (r for pair in step.ys for r in pair)
+
+
+def _reaches_output(steps: tuple, sources: set, outs: tuple) -> bool:
+  """Whether any output may depend on ``sources``: a forward pass that over-approximates
+  (a call, loop or branch passes dependence from anything it reads to everything it defines)."""
+  live = set(sources)
+  for step in steps:
+    if any(isinstance(r, int) and r in live for r in _reads(step)):
+      live.update(w for w in _writes(step) if isinstance(w, int))
+  return any(isinstance(o, int) and o in live for o in outs)
 
 
 def _produced_axes(ctx: StructureContext, v: int) -> frozenset:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oto_jax import checks
 from oto_jax.partition import ZIGPartition
 
 KINDS = ('zigs', 'flops', 'params')
@@ -38,13 +39,12 @@ class Budget:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f'Budget kind must be one of {KINDS}, got {self.kind!r}.')
-    if isinstance(self.fraction, jax.core.Tracer):
-      return
-    f = float(np.asarray(self.fraction))
-    if self.kind == 'zigs' and not 0.0 <= f < 1.0:
-      raise ValueError(f'target_group_sparsity must lie in [0, 1), got {f}.')
-    if self.kind != 'zigs' and not 0.0 < f <= 1.0:
-      raise ValueError(f'A {self.kind} budget keeps a fraction in (0, 1] of the full model, got {f}.')
+    if self.kind == 'zigs':
+      checks.number('target_group_sparsity', self.fraction, low=0.0, high=1.0, high_open=True)
+    else:
+      checks.number(
+        f'A {self.kind} budget (the fraction kept)', self.fraction, low=0.0, high=1.0, low_open=True
+      )
 
   def cost_per_zig(self, partition: ZIGPartition) -> np.ndarray:
     """What removing each ZIG saves, normalised to mean 1 (ones for a ZIG count)."""

@@ -9,13 +9,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from oto_jax import budgets
+from oto_jax import budgets, checks
 from oto_jax.partition import ZIGPartition
 from oto_jax.transforms import (
   NO_PARAMS,
   ScalarOrSchedule,
   base_direction,
-  check_steps,
   fraction,
   normalized,
   per_group_epsilon,
@@ -127,12 +126,25 @@ def dhspg(
     Chen et al., *OTOv2: Automatic, Generic, User-Friendly*, ICLR 2023 (arXiv 2303.06862),
     Algorithm 2.
   """
+  checks.hyperparameters(
+    learning_rate=learning_rate,
+    start_pruning_step=start_pruning_step,
+    lmbda=lmbda,
+    lmbda_amplify=lmbda_amplify,
+    lmbda_hat=lmbda_hat,
+    epsilon=epsilon,
+    tolerance=tolerance,
+    momentum=momentum,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    weight_decay=weight_decay,
+  )
   if target is None and target_group_sparsity is not None:
     budgets.Budget('zigs', target_group_sparsity)  # validates
     if not isinstance(target_group_sparsity, jax.core.Tracer):
       target_group_sparsity = min(float(target_group_sparsity) + tolerance, 0.999)
   budget = budgets.as_budget(target_group_sparsity, target)
-  check_steps(start_pruning_step=start_pruning_step)
   lam0, amp0, hat0 = DEFAULTS.get(variant if isinstance(variant, str) else 'sgd', DEFAULTS['sgd'])
   lmbda = lam0 if lmbda is None else lmbda
   amplify = amp0 if lmbda_amplify is None else lmbda_amplify
@@ -144,6 +156,8 @@ def dhspg(
   n = partition.num_zigs
 
   def init_fn(params):
+    checks.trainable_tree(partition, params, 'dhspg')
+
     def f0():  # a fresh buffer per field, so that the state can be donated
       return jnp.zeros([], jnp.float32)
 

@@ -11,13 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from oto_jax import budgets
+from oto_jax import budgets, checks
 from oto_jax.partition import ZIGPartition
 from oto_jax.transforms import (
   NO_PARAMS,
   ScalarOrSchedule,
   base_direction,
-  check_steps,
   fraction,
   normalized,
   value_at,
@@ -159,10 +158,19 @@ def hesso(
     Chen et al., *HESSO: Towards Automatic Efficient and User Friendly Any Neural Network
     Training and Pruning*, arXiv 2409.09085.
   """
+  checks.hyperparameters(
+    learning_rate=learning_rate,
+    start_pruning_step=start_pruning_step,
+    pruning_steps=pruning_steps,
+    pruning_periods=pruning_periods,
+    momentum=momentum,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    weight_decay=weight_decay,
+    group_divisible=group_divisible,
+  )
   budget = budgets.as_budget(target_group_sparsity, target)
-  check_steps(start_pruning_step=start_pruning_step, pruning_steps=pruning_steps)
-  if not isinstance(pruning_periods, jax.core.Tracer) and int(np.asarray(pruning_periods)) < 1:
-    raise ValueError(f'pruning_periods must be at least 1, got {pruning_periods}.')
   concrete = not any(isinstance(v, jax.core.Tracer) for v in (pruning_steps, pruning_periods))
   if concrete and int(np.asarray(pruning_steps)) < int(np.asarray(pruning_periods)):
     raise ValueError(
@@ -182,6 +190,8 @@ def hesso(
   n = partition.num_zigs
 
   def init_fn(params):
+    checks.trainable_tree(partition, params, 'hesso')
+
     # A fresh array per field: a donated state must not hold the same buffer twice.
     def f0():
       return jnp.zeros([], jnp.float32)
@@ -221,8 +231,9 @@ def hesso(
     decay = ((length - t - 1) / (length - t)).astype(jnp.float32)
     factor = jnp.where(state.pruned, 0.0, jnp.where(active & in_window, decay, 1.0))
     step = jax.tree.map(lambda u: -lr * u, d)
+    # A pruned ZIG's update is -x exactly, whatever the step holds: 0 · (x + NaN) would be NaN.
     new = seg.map(
-      lambda u, x, f: jnp.where(f == 1.0, u, (f * (x + u) - x).astype(u.dtype)),
+      lambda u, x, f: jnp.where(f == 1.0, u, jnp.where(f == 0.0, -x, (f * (x + u) - x).astype(u.dtype))),
       step,
       params,
       values=[factor],

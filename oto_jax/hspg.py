@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from oto_jax import checks
 from oto_jax.partition import ZIGPartition
 from oto_jax.transforms import (
   NO_PARAMS,
@@ -99,6 +100,14 @@ def hspg(
     Framework*, NeurIPS 2021 (arXiv 2107.07467), Algorithms 1–2; Chen et al., *Neural
     Network Compression via Sparse Optimization* (HSPG), arXiv 2011.04868.
   """
+  checks.hyperparameters(
+    learning_rate=learning_rate,
+    lmbda=lmbda,
+    n_p=n_p,
+    epsilon=epsilon,
+    momentum=momentum,
+    weight_decay=weight_decay,
+  )
   if stage1 not in STAGE1:
     raise ValueError(f'stage1 must be one of {STAGE1}, got {stage1!r}.')
   prox = stage1 == 'prox'
@@ -108,7 +117,7 @@ def hspg(
   if momentum is not None:
     blocks.append(optax.trace(decay=momentum, nesterov=nesterov))
   if not prox:
-    base = optax.chain(*blocks) if blocks else optax.identity()
+    base = optax.with_extra_args_support(optax.chain(*blocks) if blocks else optax.identity())
     return _fused(partition, base, learning_rate, lmbda, n_p, epsilon)
   blocks += [
     add_group_lasso(partition, lmbda, start_step=n_p if prox else 0),
@@ -145,6 +154,7 @@ def _fused(partition, base, learning_rate, lmbda, n_p, epsilon) -> optax.Gradien
   """
 
   def init_fn(params):
+    checks.trainable_tree(partition, params, 'hspg')
     return HSPGState(
       count=jnp.zeros([], jnp.int32),
       inner=base.init(params),
@@ -218,6 +228,7 @@ def prox_sg(
     Prox-SG baseline); Duchi & Singer, *Efficient online and batch learning using forward
     backward splitting*, JMLR 2009.
   """
+  checks.hyperparameters(learning_rate=learning_rate, lmbda=lmbda, momentum=momentum)
   blocks = [] if momentum is None else [optax.trace(decay=momentum)]
   blocks += [
     optax.scale_by_learning_rate(learning_rate),

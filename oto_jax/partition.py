@@ -9,6 +9,8 @@ whole variables or one collection of them (e.g. only ``params``).
 from __future__ import annotations
 
 import dataclasses
+import math
+import textwrap
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 
 from oto_jax import costs
 from oto_jax.axis_zigs import AxisZigs
-from oto_jax.ir import Program
+from oto_jax.ir import Program, iter_eqns
 from oto_jax.paths import Path, path_of, path_str
 from oto_jax.segments import ZIGSegments
 
@@ -169,7 +171,9 @@ class ZIGPartition:
     return tuple(g for g in self.node_groups if g.prunable)
 
   def group_of_zig(self, zig_id: int) -> NodeGroup:
-    """The node group that holds global ZIG ``zig_id``."""
+    """The node group that holds global ZIG ``zig_id`` (an integer in ``[0, num_zigs)``)."""
+    if isinstance(zig_id, (bool, np.bool_)) or not isinstance(zig_id, (int, np.integer)):
+      raise ValueError(f'group_of_zig takes one integer ZIG id, got {zig_id!r}.')
     for g in self.prunable_groups:
       if g.zig_offset <= zig_id < g.zig_offset + g.size:
         return g
@@ -279,19 +283,66 @@ class ZIGPartition:
       )
     return hit
 
+  def zig_mask(self, zig_ids: Any) -> np.ndarray | jax.Array:
+    """The ZIGs that ``zig_ids`` names, as a boolean mask of shape ``[num_zigs]``.
+
+    Every method that takes ZIGs reads them through this one check.
+
+    Args:
+      zig_ids: integer ZIG ids in ``[0, num_zigs)`` (an int, a sequence or an integer array;
+        repeats are fine), or a boolean mask of shape ``[num_zigs]`` (which may be traced).
+
+    Returns:
+      A NumPy boolean mask, or the traced mask as given.
+
+    Raises:
+      ValueError: ids out of range, float or boolean ids that are not a full mask, a mask of
+        the wrong length, or traced integer ids (their range cannot be checked: pass a mask).
+    """
+    n = self.num_zigs
+    if isinstance(zig_ids, jax.core.Tracer):
+      if zig_ids.dtype == jnp.bool_ and zig_ids.shape == (n,):
+        return zig_ids
+      raise ValueError(
+        f'Traced ZIG ids must be a boolean mask of shape ({n},); got {zig_ids.dtype}{list(zig_ids.shape)}. '
+        'Integer ids cannot be range-checked under jit: build the mask with '
+        f'jnp.zeros({n}, bool).at[ids].set(True).'
+      )
+    a = np.asarray(zig_ids)
+    if a.dtype == np.bool_:
+      if a.shape != (n,):
+        raise ValueError(
+          f'A boolean ZIG mask must have shape ({n},) (one entry per ZIG); got shape {a.shape}. '
+          'Integer ids are given as integers.'
+        )
+      return a
+    if a.size == 0:
+      return np.zeros((n,), bool)
+    if not np.issubdtype(a.dtype, np.integer) or a.ndim > 1:
+      raise ValueError(
+        f'ZIG ids must be integers in [0, {n}) or a boolean mask of shape ({n},); got a {a.dtype} '
+        f'array of shape {a.shape}: {a.reshape(-1)[:5].tolist()}.'
+      )
+    a = a.reshape(-1)
+    bad = a[(a < 0) | (a >= n)]
+    if bad.size:
+      raise ValueError(f'ZIG ids must lie in [0, {n}) (this partition has {n} ZIGs); got {bad[:5].tolist()}.')
+    mask = np.zeros((n,), bool)
+    mask[a] = True
+    return mask
+
   def zero(self, variables: Any, zig_ids: Any) -> Any:
     """A copy of ``variables`` with every member entry of the given ZIGs set to zero.
 
     Args:
       variables: the analysed variables, or any collection of them (e.g. only params).
-      zig_ids: global ZIG ids, a sequence or an int array (may be traced).
+      zig_ids: integer ZIG ids or a boolean mask of shape ``[num_zigs]`` (may be traced);
+        see :meth:`zig_mask`.
 
     Returns:
       A new pytree of the same structure; nothing passed in is modified.
     """
-    ids = jnp.asarray(zig_ids, dtype=jnp.int32).reshape(-1)
-    ids = jnp.where(ids < 0, self.num_zigs, ids)  # negative ids name no ZIG; drop them
-    drop = jnp.zeros((self.num_zigs,), bool).at[ids].set(True, mode='drop')
+    drop = jnp.asarray(self.zig_mask(zig_ids))
     seg = self.segments(variables)
     return seg.map(
       lambda x, d: jnp.where(d, jnp.zeros((), x.dtype), x), variables, values=[drop], fills=[False]
@@ -314,15 +365,57 @@ class ZIGPartition:
   # ---------------------------------------------------------------------------------------
   # Reports.
 
+  def producer(self, group: NodeGroup) -> str:
+    """The layer that produces ``group``'s channels, by module path (``'layer1/Conv_0'``).
+
+    Every variable an optimizer zeroes with a channel is a member: the kernel that computes it
+    and the bias and normalisation after it. The producer is the member kernel (rank 2 or
+    more: a conv or dense kernel, an embedding) that the program reads first, so a
+    Conv → BatchNorm channel names the conv and a residual stream its stem. A group without
+    one names its first member, or its first dependent where nothing trainable produces it.
+    """
+    if self.program is None:
+      return group.where  # user-defined groups belong to no layer
+    first = self._first_use()
+    kernels = [e for e in group.members if len(e.shape) >= 2]
+    entry = min(kernels or group.members or group.dependents, key=lambda e: first[e.path])
+    return self._layer(entry.path)
+
+  def _first_use(self) -> dict[Path, float]:
+    """Per variable, the position of the first equation that reads it (inf: none does, or
+    there is no program)."""
+    hit = self._cache.get('first_use')
+    if hit is None:
+      hit = dict.fromkeys(self.variable_paths, math.inf)
+      if self.program is not None:
+        var = dict(zip(self.program.variables, self.variable_paths))
+        for i, eqn in enumerate(iter_eqns(self.program.steps)):
+          for x in eqn.ins:
+            if isinstance(x, int) and x in var and hit[var[x]] == math.inf:
+              hit[var[x]] = i
+      self._cache['first_use'] = hit
+    return hit
+
+  def _layer(self, path: Path) -> str:
+    """A variable's layer: its path without the variable's name and without a linen collection,
+    so that a BatchNorm's ``params`` and ``batch_stats`` are one layer."""
+    # The analysis' own test for linen variables: a dict of collections with 'params'.
+    linen = self._cache.get('linen')
+    if linen is None:
+      linen = self._cache['linen'] = any(p[:1] == ('params',) for p in self.variable_paths)
+    inner = path[1:] if linen and len(path) > 1 else path
+    return path_str(inner[:-1]) or path_str(inner)
+
   def summary(self, *, show_unprunable: bool = True) -> str:
-    """A readable table of the node groups."""
+    """A readable table of the node groups; ``where`` is the producing layer (:meth:`producer`)."""
     rows = [('group', 'size', 'ZIG ids', 'members', 'deps', 'where', 'status')]
     for g in self.node_groups:
       if not (g.prunable or show_unprunable):
         continue
       ids = f'{g.zig_offset}-{g.zig_offset + g.size - 1}' if g.prunable else '-'
       status = 'prunable' if g.prunable else g.reason
-      rows.append((str(g.id), str(g.size), ids, str(len(g.members)), str(len(g.dependents)), g.where, status))
+      where = self.producer(g)
+      rows.append((str(g.id), str(g.size), ids, str(len(g.members)), str(len(g.dependents)), where, status))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
     lines = []
     for k, r in enumerate(rows):
@@ -336,30 +429,108 @@ class ZIGPartition:
     )
     return '\n'.join(lines)
 
-  def to_dot(self) -> str:
-    """Graphviz DOT: one node per node group, one per layer, edges for members/dependents."""
+  def to_dot(self, rankdir: str = 'TB', row: int = 4) -> str:
+    """Graphviz DOT of the node groups, drawn in the direction the data flows.
 
-    def layer(path: Path) -> str:
-      return path_str(path[:-1]) or path_str(path)
+    One cluster per node group holds the group (green: prunable, grey: not, with the reason)
+    and the layers whose variables produce its channels (solid edges, labelled
+    ``variable:axis``); dashed edges lead from the group to the layers that consume it.
+    Clusters are stacked in program order, so a deep model is drawn tall, not wide; an edge
+    back to an earlier cluster (a block's output joining its residual stream) does not reorder
+    them. Render with ``dot -Tpng``.
 
-    out = ['digraph zigs {', '  rankdir=LR;', '  node [fontname="Helvetica", fontsize=10];']
-    layers: dict[str, None] = {}
-    edges = []
-    for g in self.node_groups:
-      color = 'palegreen' if g.prunable else 'lightgray'
-      label = f'group {g.id}\\n{g.size} ZIGs' + ('' if g.prunable else f'\\n{g.reason[:60]}')
-      out.append(f'  g{g.id} [shape=box, style=filled, fillcolor={color}, label="{_esc(label)}"];')
-      for kind, entries, style in (('m', g.members, 'solid'), ('d', g.dependents, 'dashed')):
-        for e in entries:
-          name = layer(e.path)
-          layers[name] = None
-          a, b = (f'g{g.id}', f'"{_esc(name)}"') if kind == 'm' else (f'"{_esc(name)}"', f'g{g.id}')
-          edges.append(f'  {a} -> {b} [style={style}, label="{_esc(e.path[-1])}:{e.axis}"];')
-    out += [f'  "{_esc(n)}" [shape=ellipse];' for n in layers]
-    out += sorted(set(edges), key=edges.index)
+    Args:
+      rankdir: Graphviz's direction, ``'TB'`` (top-down) or ``'LR'`` (left to right).
+      row: at most this many layers side by side in one cluster; more wrap onto further rows
+        (a residual stream's cluster holds every layer that writes to it).
+    """
+    first = self._first_use()
+    used: dict[str, float] = {}  # layer -> the first use of any of its variables
+    for path in self.variable_paths:
+      layer = self._layer(path)
+      used[layer] = min(used.get(layer, math.inf), first[path])
+    # A group is drawn where its first producer runs; one nothing produces (a model input)
+    # comes just before its first consumer.
+    rank = {
+      g.id: min(first[e.path] for e in g.members)
+      if g.members
+      else min(first[e.path] for e in g.dependents) - 0.5
+      for g in self.node_groups
+    }
+    groups = sorted(self.node_groups, key=lambda g: (rank[g.id], g.id))
+    order = {g.id: k for k, g in enumerate(groups)}
+    home: dict[str, int] = {}  # a layer sits in the cluster of the first group it produces
+    for g in groups:
+      for e in g.members:
+        home.setdefault(self._layer(e.path), g.id)
+    edges: dict[tuple[int, str, bool], list[str]] = {}  # (group, layer, produces) -> variable:axis
+    for g in groups:
+      own = {self._layer(e.path) for e in g.members}
+      for e in g.members:
+        edges.setdefault((g.id, self._layer(e.path), True), []).append(f'{e.path[-1]}:{e.axis}')
+      for e in g.dependents:
+        layer = self._layer(e.path)
+        if layer not in own:  # running statistics of the group's own normalisation: no edge
+          edges.setdefault((g.id, layer, False), []).append(f'{e.path[-1]}:{e.axis}')
+    n = sum(g.prunable for g in groups)
+    title = (
+      f'{self.num_zigs} prunable ZIGs in {n} node groups, {len(groups) - n} unprunable\\n'
+      'solid: the layer produces the channels; dashed: it consumes them'
+    )
+    out = [
+      'digraph zigs {',
+      f'  rankdir={rankdir}; nodesep=0.15; ranksep=0.3; labelloc=t; label="{title}";',
+      '  graph [fontname="Helvetica", fontsize=10];',
+      '  node [fontname="Helvetica", fontsize=9, shape=box, style=rounded, height=0.25, margin="0.06,0.02"];',
+      '  edge [fontname="Helvetica", fontsize=7, arrowsize=0.5];',
+    ]
+    above = None  # the previous cluster's group node
+    for g in groups:
+      fill, line = ('#eef8ee', 'palegreen3') if g.prunable else ('#f2f2f2', 'gray60')
+      label = (
+        f'group {g.id}\\n{g.size} ZIGs' if g.prunable else f'group {g.id}, width {g.size}\\n{_wrap(g.reason)}'
+      )
+      layers = [_quote(x) for x in sorted((x for x, h in home.items() if h == g.id), key=used.__getitem__)]
+      rows = [layers[i : i + row] for i in range(0, len(layers), row)]
+      out += [
+        f'  subgraph cluster_g{g.id} {{',
+        f'    style="rounded,filled"; fillcolor="{fill}"; color={line}; label="";',
+        f'    g{g.id} [shape=box, style=filled, fillcolor={"palegreen" if g.prunable else "lightgray"}, '
+        f'label="{_esc(label)}"];',
+        # Each row in program order (Graphviz keeps an edge within a rank left to right).
+        *(
+          f'    {{rank=same; {" -> ".join(r)} [style=invis];}}' if len(r) > 1 else f'    {r[0]};'
+          for r in rows
+        ),
+        '  }',
+      ]
+      # Invisible edges stack the rows, and the clusters in program order.
+      tops = [r[0] for r in rows] or [f'g{g.id}']
+      out += [f'  {a} -> {b} [style=invis];' for a, b in zip([above, *tops], tops) if a is not None]
+      above = f'g{g.id}'
+    consumers = sorted({x for (_, x, produces) in edges if not produces} - home.keys(), key=used.__getitem__)
+    out += [f'  {_quote(x)} [style="rounded,dashed"];' for x in consumers]
+    for (gid, layer, produces), names in edges.items():
+      # An edge into an earlier cluster (a block's output that joins its residual stream,
+      # the stream's next reader) must not pull that cluster below this one.
+      back = layer in home and (
+        order[home[layer]] > order[gid] if produces else order[home[layer]] < order[gid]
+      )
+      extra = ', constraint=false' if back else ''
+      a, b, style = (_quote(layer), f'g{gid}', 'solid') if produces else (f'g{gid}', _quote(layer), 'dashed')
+      out.append(f'  {a} -> {b} [style={style}{extra}, label="{_esc(", ".join(names))}"];')
     out.append('}')
     return '\n'.join(out)
 
 
 def _esc(s: Any) -> str:
   return str(s).replace('"', '\\"')
+
+
+def _quote(name: str) -> str:
+  return f'"{_esc(name)}"'
+
+
+def _wrap(text: str, width: int = 28) -> str:
+  """``text`` in DOT lines of about ``width`` characters, so a long reason keeps its cluster narrow."""
+  return '\\n'.join(textwrap.wrap(text, width)) or text

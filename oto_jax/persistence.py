@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from oto_jax.errors import ShapeSpecificError
+from oto_jax.ir import is_symbolic
 from oto_jax.partition import ZIGPartition
 from oto_jax.paths import is_array
 from oto_jax.surgery import Subnet, construct_subnet_from_keep
@@ -104,8 +106,47 @@ class ExportedSubnet:
     """Runs the exported function on the leaves (or any tree with those leaves) and inputs.
 
     Array keyword arguments only; static ones were baked in at export.
+
+    Raises:
+      ShapeSpecificError: an input's shape or dtype is not one the StableHLO takes; the
+        message names the input, both shapes and the fix.
     """
-    return self.exported.call(jax.tree_util.tree_leaves(variables), args, kwargs)
+    leaves = jax.tree_util.tree_leaves(variables)
+    _check_exported_call(self.exported, leaves, args, kwargs)
+    return self.exported.call(leaves, args, kwargs)
+
+
+def _check_exported_call(exported: jax.export.Exported, leaves: list, args: tuple, kwargs: dict) -> None:
+  """Checks ``exported.call(leaves, args, kwargs)``'s inputs against what it was exported for.
+
+  Raises:
+    ShapeSpecificError: naming the first input whose rank, fixed dimension or dtype differs.
+  """
+  flat = jax.tree_util.tree_flatten_with_path((leaves, args, kwargs))[0]
+  if len(flat) != len(exported.in_avals):
+    raise ShapeSpecificError(
+      f'The exported slim model takes {len(exported.in_avals)} arrays ({exported.in_tree}); got {len(flat)}.'
+    )
+  for (path, x), aval in zip(flat, exported.in_avals):
+    where = ('variable leaf ' if path[0].idx == 0 else 'input ') + jax.tree_util.keystr(path[1:])
+    shape, want = tuple(np.shape(x)), tuple(aval.shape)
+    fixed_ok = len(shape) == len(want) and all(is_symbolic(w) or w == d for w, d in zip(want, shape))
+    if not fixed_ok:
+      symbolic = any(is_symbolic(w) for w in want)
+      raise ShapeSpecificError(
+        f'The exported slim model takes {where} of shape ({", ".join(map(str, want))}); got {shape}. '
+        + (
+          'Only the named dimensions may vary.'
+          if symbolic
+          else 'It was exported at fixed shapes: call it with that shape, or export again with a symbolic '
+          'batch (oto_jax.export_subnet(subnet) of a model analysed with one; '
+          'part.program.signature.fixed_reason says why it was not).'
+        )
+      )
+    if np.dtype(getattr(x, 'dtype', np.asarray(x).dtype)) != np.dtype(aval.dtype):
+      raise ShapeSpecificError(
+        f'The exported slim model takes {where} as {aval.dtype}; got {x.dtype}. Cast it first.'
+      )
 
 
 def save_subnet(directory: str, subnet: Subnet, *args: Any, **kwargs: Any) -> None:

@@ -11,6 +11,7 @@ equation's result shape is checked, so a primitive the surgery cannot cut is rep
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oto_jax import native, slim
-from oto_jax.errors import ShapeSpecificError
+from oto_jax.errors import ShapeSpecificError, SurgeryError
 from oto_jax.ir import Program
 from oto_jax.partition import ZIGPartition
 from oto_jax.paths import Path, input_name, path_of, path_str
@@ -194,7 +195,8 @@ class Subnet:
     """Full vs slim FLOPs, parameters and per-node-group widths."""
     part, keep = self.partition, self.keep
     widths = tuple(
-      (g.where, g.size, int(keep[g.zig_offset : g.zig_offset + g.size].sum())) for g in part.prunable_groups
+      (part.producer(g), g.size, int(keep[g.zig_offset : g.zig_offset + g.size].sum()))
+      for g in part.prunable_groups
     )
     return SubnetReport(
       flops=(part.flops.total, part.flops.evaluate(keep)),
@@ -233,7 +235,9 @@ def _slice_tree(cut: slim.SlimContext, part: ZIGPartition, tree: Any) -> Any:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def construct_subnet(partition: ZIGPartition, variables: Any, *, zig_ids: Any = None) -> Subnet:
+def construct_subnet(
+  partition: ZIGPartition, variables: Any, *, zig_ids: Any = None, allow_nonfinite: bool = False
+) -> Subnet:
   """Removes the zero ZIGs (or the given ones) and returns the slim model.
 
   .. math::
@@ -248,13 +252,21 @@ def construct_subnet(partition: ZIGPartition, variables: Any, *, zig_ids: Any = 
   Args:
     partition: the full model's partition (from :func:`oto_jax.zig_partition`).
     variables: the full variables, as analysed (after group-sparse training).
-    zig_ids: ZIGs to remove; default: every ZIG whose member entries are all exactly zero.
+    zig_ids: ZIGs to remove, integer ids or a boolean mask of shape ``[num_zigs]``
+      (:meth:`ZIGPartition.zig_mask`); default: every ZIG whose member entries are all
+      exactly zero.
+    allow_nonfinite: by default a NaN or inf anywhere in ``variables`` is an error (a
+      diverged run); with True, every ZIG with a non-finite member or dependent entry is
+      kept (zeroed channels times NaN weights are NaN in the full model too), with a warning
+      for those ``zig_ids`` asked to remove.
 
   Returns:
     A :class:`Subnet`. Nothing passed in is modified.
 
   Raises:
-    SurgeryError: an equation of the program cannot be cut (named, with its location).
+    SurgeryError: an equation of the program cannot be cut (named, with its location), or
+      a variable holds NaN or inf (unless ``allow_nonfinite``).
+    ValueError: bad ``zig_ids``, or variables that are not the analysed ones.
 
   Example::
 
@@ -277,18 +289,59 @@ def construct_subnet(partition: ZIGPartition, variables: Any, *, zig_ids: Any = 
   for (p, leaf), want in zip(flat, partition.variable_shapes):
     if tuple(np.shape(leaf)) != want:
       raise ValueError(f'Variable {path_str(path_of(p))} has shape {tuple(np.shape(leaf))}, expected {want}.')
-  n = partition.num_zigs
   # All of the slicing happens on host copies: no device dispatch, nothing to compile.
   host = jax.tree.map(np.asarray, jax.device_get(variables))
-  if zig_ids is None:
-    keep = partition.zig_norms(host) > 0
-  else:
-    ids = np.asarray(zig_ids, np.int64).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= n):
-      raise ValueError(f'zig_ids must lie in [0, {n}); got {ids.min()} … {ids.max()}.')
-    keep = np.ones((n,), bool)
-    keep[ids] = False
-  return _make(partition, keep, jax.tree_util.tree_leaves(host), sliced=False)
+  drop = None if zig_ids is None else partition.zig_mask(zig_ids)
+  if isinstance(drop, jax.core.Tracer):
+    raise ValueError('construct_subnet cuts on the host: zig_ids cannot be traced (call it outside jit).')
+  tainted = _nonfinite_zigs(partition, flat, host)
+  if tainted is not None and not allow_nonfinite:
+    raise SurgeryError(
+      f'Variable {tainted[1]} holds NaN or inf: a slim model cut from it need not compute what the full '
+      'model computes. Fix the training (or restore a good checkpoint), or pass allow_nonfinite=True to '
+      'keep every ZIG whose entries are not finite.'
+    )
+  if drop is None:
+    # `== 0`, not `<= 0`: a NaN norm is not a zero ZIG.
+    drop = np.asarray(partition.zig_norms(host)) == 0
+  if tainted is not None:
+    kept_anyway = drop & tainted[0]
+    if kept_anyway.any():
+      ids = np.flatnonzero(kept_anyway)
+      warnings.warn(
+        f'construct_subnet keeps {ids.size} ZIG(s) asked to go ({ids[:5].tolist()}…): their entries '
+        'are not finite (allow_nonfinite=True).',
+        stacklevel=2,
+      )
+    drop = drop & ~tainted[0]
+  return _make(partition, ~np.asarray(drop, bool), jax.tree_util.tree_leaves(host), sliced=False)
+
+
+def _nonfinite_zigs(partition: ZIGPartition, flat: list, host: Any) -> tuple[np.ndarray, str] | None:
+  """(the ZIGs with a non-finite member or dependent entry, the first such leaf), or None."""
+  leaves = jax.tree_util.tree_leaves(host)
+  bad_leaf = next(
+    (
+      path_str(path_of(p))
+      for (p, _), x in zip(flat, leaves)
+      if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all()
+    ),
+    None,
+  )
+  if bad_leaf is None:
+    return None
+  by_path = dict(zip(partition.variable_paths, leaves))
+  tainted = np.zeros((partition.num_zigs,), bool)
+  for g in partition.prunable_groups:
+    for e in g.members + g.dependents:
+      x = by_path[e.path]
+      if not np.issubdtype(x.dtype, np.inexact):
+        continue
+      other = tuple(a for a in range(x.ndim) if a != e.axis)
+      bad = ~np.isfinite(x).all(axis=other)
+      hit = e.index[bad & (e.index >= 0)]
+      tainted[hit + g.zig_offset] = True
+  return tainted, bad_leaf
 
 
 def _complete(partition: ZIGPartition, keep: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from oto_jax import checks
 from oto_jax.ir import Call, Eqn, Loop
 from oto_jax.partition import NodeGroup, ZIGPartition
 
@@ -102,8 +103,10 @@ def add_group_lasso(
     Chen et al., *Only Train Once*, NeurIPS 2021 (arXiv 2107.07467), eq. (2).
   """
 
+  checks.hyperparameters(lmbda=lmbda, start_step=start_step, end_step=end_step)
+
   def init_fn(params):
-    del params
+    checks.trainable_tree(partition, params, 'add_group_lasso')
     return GroupLassoState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -156,8 +159,10 @@ def group_lasso_prox(
     reduction*, 2014; Chen et al., *Only Train Once*, NeurIPS 2021, Algorithm 1, stage 1.
   """
 
+  checks.hyperparameters(lmbda=lmbda, learning_rate=learning_rate, start_step=start_step, end_step=end_step)
+
   def init_fn(params):
-    del params
+    checks.trainable_tree(partition, params, 'group_lasso_prox')
     return GroupLassoState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -233,8 +238,10 @@ def half_space_projection(
     Chen et al., *Neural network compression via sparse optimization*, arXiv 2011.04868.
   """
 
+  checks.hyperparameters(epsilon=epsilon, start_step=start_step)
+
   def init_fn(params):
-    del params
+    checks.trainable_tree(partition, params, 'half_space_projection')
     return HalfSpaceState(
       count=jnp.zeros([], jnp.int32),
       group_sparsity=jnp.zeros([], jnp.float32),
@@ -337,7 +344,7 @@ def base_direction(
   b2: Any = 0.999,
   eps: Any = 1e-8,
   weight_decay: Any = 0.0,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """The base optimizer's direction ``d`` (the step is ``-α d``) of DHSPG and HESSO.
 
   ``'sgd'``: (L2 weight decay then) optional heavy-ball momentum; ``'adam'``: L2 weight decay
@@ -345,7 +352,8 @@ def base_direction(
   used as given.
   """
   if isinstance(variant, optax.GradientTransformation):
-    return variant
+    # Extra arguments (`value=loss` for a line search) reach the base, as in optax.chain.
+    return optax.with_extra_args_support(variant)
   if variant not in VARIANTS:
     raise ValueError(
       f'variant must be one of {VARIANTS} or an optax GradientTransformation, got {variant!r}.'
@@ -354,7 +362,7 @@ def base_direction(
   decay = [] if no_decay else [optax.add_decayed_weights(weight_decay)]
   if variant == 'sgd':
     blocks = [*decay, *([] if momentum is None else [optax.trace(decay=momentum, nesterov=nesterov)])]
-    return optax.chain(*blocks) if blocks else optax.identity()
+    return optax.with_extra_args_support(optax.chain(*blocks) if blocks else optax.identity())
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   return optax.chain(*decay, adam) if variant == 'adam' else optax.chain(adam, *decay)
 
@@ -364,12 +372,3 @@ def normalized(v: jax.Array, mask: jax.Array) -> jax.Array:
   v = jnp.where(mask, v, 0.0)
   n = jnp.sqrt(jnp.sum(jnp.square(v)))
   return jnp.where(n > 0, v / jnp.where(n > 0, n, 1.0), 0.0)
-
-
-def check_steps(**steps: Any) -> None:
-  """Rejects negative step counts given as concrete numbers (traced ones pass)."""
-  for name, value in steps.items():
-    if isinstance(value, jax.core.Tracer) or value is None:
-      continue
-    if int(np.asarray(value)) < 0:
-      raise ValueError(f'{name} must be a step count >= 0, got {value}.')

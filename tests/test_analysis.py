@@ -335,11 +335,15 @@ def test_zero_and_zig_norms_under_jit():
   chex.assert_trees_all_close(jax.jit(part.zig_norms)(v), part.zig_norms(v))
   chex.assert_trees_all_close(jax.jit(part.zig_norms)(v['params']), part.zig_norms(v))
   zero = jax.jit(part.zero)
-  chex.assert_trees_all_close(zero(v, ids), part.zero(v, np.asarray(ids)))
-  # Same compiled function, other ids: the ids really are traced.
-  other = jnp.array([0, 2, 13], jnp.int32)
+  mask = jnp.asarray(part.zig_mask(ids))
+  chex.assert_trees_all_close(zero(v, mask), part.zero(v, np.asarray(ids)))
+  # Same compiled function, another mask: the mask really is traced.
+  other = jnp.asarray(part.zig_mask([0, 2, 13]))
   chex.assert_trees_all_close(zero(v, other), part.zero(v, [0, 2, 13]))
-  chex.assert_trees_all_close(zero(v['params'], ids), part.zero(v, ids)['params'])
+  chex.assert_trees_all_close(zero(v['params'], mask), part.zero(v, ids)['params'])
+  # Traced integer ids cannot be range-checked: an error that names the fix.
+  with pytest.raises(ValueError, match='boolean mask'):
+    zero(v, ids)
 
 
 def test_zero_and_zig_norms_do_not_modify_inputs():

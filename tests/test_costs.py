@@ -364,11 +364,11 @@ def test_zero_and_zig_norms_are_consistent(name: str):
   ids = np.random.default_rng(3).choice(part.num_zigs, max(1, part.num_zigs // 3), replace=False)
 
   @jax.jit
-  def run(tree, ids):
-    zeroed = part.zero(tree, ids)
+  def run(tree, mask):
+    zeroed = part.zero(tree, mask)
     return part.zig_norms(tree), zeroed, part.zig_norms(zeroed), oto_jax.group_sparsity(part, zeroed)
 
-  before, zeroed, after, sparsity = run(tree, ids)
+  before, zeroed, after, sparsity = run(tree, part.zig_mask(ids))
   before, after = np.asarray(before), np.asarray(after)
   assert np.all(before > 0)
   assert np.all(after[ids] == 0)

@@ -836,23 +836,25 @@ def test_hesso_rejects_bad_arguments():
   _bad(
     make(pruning_steps=3, pruning_periods=4), r'pruning_steps \(3\) must be at least pruning_periods \(4\)'
   )
-  _bad(make(target_group_sparsity=1.0), r'target_group_sparsity must lie in \[0, 1\), got 1.0')
-  _bad(make(target_group_sparsity=-0.1), r'target_group_sparsity must lie in \[0, 1\), got -0.1')
+  SPARSITY = 'target_group_sparsity must be a finite number >= 0 and < 1, got'
+  _bad(make(target_group_sparsity=1.0), SPARSITY + ' 1.0')
+  _bad(make(target_group_sparsity=-0.1), SPARSITY + ' -0.1')
   _bad(make(target=oto_jax.flops_budget(0.5)), 'Give exactly one of target_group_sparsity')
   _bad(make(target_group_sparsity=None), 'Give exactly one of target_group_sparsity')
-  _bad(make(pruning_periods=0), 'pruning_periods must be at least 1, got 0')
+  _bad(make(pruning_periods=0), 'pruning_periods must be a whole number >= 1, got 0')
   _bad(make(variant='rmsprop'), "variant must be one of .*got 'rmsprop'")
   _bad(
     make(importance_weights={'magnitude': 1.0, 'gradient': 1.0}),
     r"Unknown importance criteria \['gradient'\]",
   )
-  _bad(make(start_pruning_step=-1), 'start_pruning_step must be a step count >= 0, got -1')
+  _bad(make(start_pruning_step=-1), 'start_pruning_step must be a whole number of steps >= 0, got -1')
   # One node group of 16: keeping 4 (group_divisible=4) leaves room for 12; 0.85 asks for 13.
   msg = _bad(make(target_group_sparsity=0.85, group_divisible=4), 'Lower the target')
   assert 'asks for 13 of 16' in msg and 'only 12 can go' in msg, msg
   oto_jax.hesso(part, 0.1, **{**kw, 'target_group_sparsity': 0.75, 'group_divisible': 4})  # exactly fits
-  _bad(lambda: oto_jax.flops_budget(0.0), r'A flops budget keeps a fraction in \(0, 1\] of the full model')
-  _bad(lambda: oto_jax.params_budget(1.5), r'A params budget keeps a fraction in \(0, 1\] of the full model')
+  budget = r'budget \(the fraction kept\) must be a finite number > 0 and <= 1, got'
+  _bad(lambda: oto_jax.flops_budget(0.0), 'A flops ' + budget + ' 0.0')
+  _bad(lambda: oto_jax.params_budget(1.5), 'A params ' + budget + ' 1.5')
   with pytest.raises(TypeError, match='target must be a Budget'):
     oto_jax.hesso(part, 0.1, target=0.5, pruning_steps=10, momentum=0.9)
 
@@ -871,14 +873,56 @@ def test_zoo_target_that_empties_a_node_group_is_rejected():
 def test_dhspg_and_hspg_reject_bad_arguments():
   """DHSPG validates its target and variant, HSPG its stage 1."""
   part = _linear_partition()
-  _bad(lambda: oto_jax.dhspg(part, 0.1, target_group_sparsity=1.0, momentum=0.9), r'must lie in \[0, 1\)')
+  _bad(lambda: oto_jax.dhspg(part, 0.1, target_group_sparsity=1.0, momentum=0.9), 'number >= 0 and < 1')
   _bad(lambda: oto_jax.dhspg(part, 0.1, momentum=0.9), 'Give exactly one')
   _bad(lambda: oto_jax.dhspg(part, 0.1, target_group_sparsity=0.5, variant='lamb'), 'variant must be one of')
   _bad(
     lambda: oto_jax.dhspg(part, 0.1, target_group_sparsity=0.5, start_pruning_step=-3, momentum=0.9),
-    'start_pruning_step must be a step count >= 0',
+    'start_pruning_step must be a whole number of steps >= 0',
   )
   _bad(lambda: oto_jax.hspg(part, 0.1, lmbda=0.1, n_p=5, stage1='foo'), r"stage1 must be one of .*got 'foo'")
+
+
+@pytest.mark.parametrize(
+  'factory, bad, match',
+  [
+    ('hesso', dict(learning_rate=-0.1), 'learning_rate must be a finite number >= 0'),
+    ('hesso', dict(learning_rate=float('nan')), 'learning_rate must be a finite number >= 0'),
+    ('hesso', dict(learning_rate=lambda c: -0.1 + 0 * c), r'learning_rate \(its schedule at step 0\)'),
+    ('hesso', dict(pruning_steps=2.5), 'pruning_steps must be a whole number of steps >= 0, got 2.5'),
+    ('hesso', dict(group_divisible=0), 'group_divisible must be a whole number >= 1, got 0'),
+    ('hesso', dict(target_group_sparsity='0.5'), "target_group_sparsity must be a finite number .*got '0.5'"),
+    ('hesso', dict(momentum=1.0), 'momentum must be a finite number >= 0 and < 1, got 1.0'),
+    ('hesso', dict(weight_decay=-1e-4), 'weight_decay must be a finite number >= 0'),
+    ('hesso', dict(b2=1.5), 'b2 must be a finite number >= 0 and < 1'),
+    ('hspg', dict(lmbda=-1.0), 'lmbda must be a finite number >= 0'),
+    ('hspg', dict(n_p=-1), 'n_p must be a whole number of steps >= 0, got -1'),
+    ('hspg', dict(epsilon=1.0), 'epsilon must be a finite number >= 0 and < 1, got 1.0'),
+    ('hspg', dict(epsilon=-0.1), 'epsilon must be a finite number >= 0 and < 1'),
+    ('dhspg', dict(epsilon=2.0), 'epsilon must be a finite number >= 0 and < 1'),
+    ('dhspg', dict(lmbda=float('inf')), 'lmbda must be a finite number >= 0 .*got inf'),
+    ('dhspg', dict(learning_rate='0.1'), "learning_rate must be a finite number >= 0 .*got '0.1'"),
+    ('prox_sg', dict(lmbda=-0.5), 'lmbda must be a finite number >= 0'),
+    ('half_space_projection', dict(epsilon=1.5), 'epsilon must be a finite number >= 0 and < 1'),
+    ('add_group_lasso', dict(lmbda=-1.0), 'lmbda must be a finite number >= 0'),
+    ('group_lasso_prox', dict(learning_rate=-1.0), 'learning_rate must be a finite number >= 0'),
+  ],
+)
+def test_every_optimizer_validates_its_hyperparameters(factory, bad, match):
+  """One validator for every optimizer and block: a bad value is a ValueError naming it and its range."""
+  part = _linear_partition()
+  good = {
+    'hesso': dict(learning_rate=0.1, target_group_sparsity=0.5, pruning_steps=10),
+    'hspg': dict(learning_rate=0.1, lmbda=0.1, n_p=5),
+    'dhspg': dict(learning_rate=0.1, target_group_sparsity=0.5),
+    'prox_sg': dict(learning_rate=0.1, lmbda=0.1),
+    'half_space_projection': dict(epsilon=0.0),
+    'add_group_lasso': dict(lmbda=0.1),
+    'group_lasso_prox': dict(lmbda=0.1, learning_rate=0.1),
+  }[factory]
+  getattr(oto_jax, factory)(part, **good)
+  with pytest.raises(ValueError, match=match):
+    getattr(oto_jax, factory)(part, **{**good, **bad})
 
 
 NO_PARAMS_MSG = oto_jax.transforms.NO_PARAMS

@@ -68,17 +68,10 @@ def _forward(name: str):
 
 @functools.cache
 def _zeroer(name: str):
-  """``part.zero`` compiled once per model: ids are padded to ``num_zigs`` with -1 (no ZIG)."""
+  """``part.zero`` compiled once per model: the ids go in as a boolean mask of fixed shape."""
   part = _partition(name)
   fn = jax.jit(part.zero, compiler_options=FAST)
-
-  def zero(variables, ids):
-    ids = np.asarray(ids, np.int32).reshape(-1)
-    padded = np.full((max(part.num_zigs, 1),), -1, np.int32)
-    padded[: ids.size] = ids
-    return fn(variables, padded)
-
-  return zero
+  return lambda variables, ids: fn(variables, part.zig_mask(np.asarray(ids, np.int64)))
 
 
 def _slim_forward(sub: oto_jax.Subnet, case: common.ZooCase):
@@ -551,7 +544,7 @@ def test_construct_subnet_rejects_bad_inputs():
     oto_jax.construct_subnet(part, bad)
 
   for ids in ([part.num_zigs], [-1], [0, part.num_zigs + 5]):
-    with pytest.raises(ValueError, match=rf'zig_ids must lie in \[0, {part.num_zigs}\)'):
+    with pytest.raises(ValueError, match=rf'ZIG ids must lie in \[0, {part.num_zigs}\)'):
       oto_jax.construct_subnet(part, case.variables, zig_ids=ids)
 
 

@@ -290,10 +290,3 @@ def test_set_rejects_unknown_keys():
   """--set with an unknown key names the valid ones."""
   with pytest.raises(SystemExit, match='key one of'):
     train.parse_set(CONFIGS['digits_vgg'], ['no_such_key=1'])
-
-
-def test_tutorial_runs():
-  """The notebook tutorial (a jupytext percent script) runs top to bottom."""
-  import runpy
-
-  runpy.run_module('experiments.tutorial', run_name='__main__')
