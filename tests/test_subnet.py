@@ -626,7 +626,7 @@ def test_report_fractions_and_widths():
   groups = part.prunable_groups
   assert len(d['widths']) == len(groups)
   for w, g in zip(d['widths'], groups):
-    assert (w['where'], w['full'], w['slim']) == (g.where, g.size, int(sub.keep[g.zig_ids].sum()))
+    assert (w['where'], w['full'], w['slim']) == (part.producer(g), g.size, int(sub.keep[g.zig_ids].sum()))
     assert 0 < w['slim'] <= w['full']
   assert any(w['slim'] < w['full'] for w in d['widths'])
   md = report.markdown()
