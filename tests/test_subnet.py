@@ -630,7 +630,7 @@ def test_report_fractions_and_widths():
     assert 0 < w['slim'] <= w['full']
   assert any(w['slim'] < w['full'] for w in d['widths'])
   md = report.markdown()
-  assert 'FLOPs' in md and all(f'| {g.where} | {g.size} |' in md for g in groups), md
+  assert 'FLOPs' in md and all(f'| {part.producer(g)} | {g.size} |' in md for g in groups), md
 
   untouched = oto_jax.construct_subnet(part, case.variables, zig_ids=[]).report().to_dict()
   assert untouched['flops_remaining'] == untouched['params_remaining'] == 1.0, untouched
