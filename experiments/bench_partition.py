@@ -10,7 +10,7 @@ weights are ever allocated, so Llama-7B costs nothing to set up), and every meas
 a fresh Python process:
 
 * warm: one untimed ``make_jaxpr`` and one untimed ``zig_partition``, then ``--repeat`` rounds,
-  each a timed ``make_jaxpr`` followed by a timed ``zig_partition``. Every call gets a fresh
+  each a timed ``make_jaxpr`` and a timed ``zig_partition``, in alternating order. Every call gets a fresh
   function object (``lambda v, x: model.apply(v, x)``), so JAX's trace cache cannot answer
   it, and ``gc.collect()`` runs before it. Reported: the median time of each and the median of
   the per-round ratios (a burst of outside load slows both calls of a round alike, so the
@@ -202,14 +202,19 @@ def _worker(name: str, measure: str, repeat: int) -> dict[str, Any]:
     counts = _partition_counts(part)
     del part
     jaxpr_s, partition_s = [], []
-    for _ in range(repeat):
-      seconds, jaxpr = timed(trace)
-      jaxpr_s.append(seconds)
-      num_eqns = len(jaxpr.jaxpr.eqns)
-      del jaxpr
-      seconds, part = timed(partition)
-      partition_s.append(seconds)
-      del part
+    for i in range(repeat):
+      # Every other round runs the partition first, so that neither call always follows the
+      # other (an order effect would bias every round's ratio the same way).
+      for which in ('jaxpr', 'partition') if i % 2 == 0 else ('partition', 'jaxpr'):
+        if which == 'jaxpr':
+          seconds, jaxpr = timed(trace)
+          jaxpr_s.append(seconds)
+          num_eqns = len(jaxpr.jaxpr.eqns)
+          del jaxpr
+        else:
+          seconds, part = timed(partition)
+          partition_s.append(seconds)
+          del part
   except Exception as e:  # Reported in the table rather than aborting the other models.
     return {'error': f'{type(e).__name__}: {e}'[:500]}
 
@@ -346,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--json', type=Path, help='also write the results to this file')
   parser.add_argument('--timeout', type=float, default=900.0, help='seconds per measurement process')
   parser.add_argument(
-    '--repeat', type=int, default=7, help='warm rounds (make_jaxpr, then zig_partition); times are medians'
+    '--repeat', type=int, default=15, help='warm rounds (make_jaxpr, then zig_partition); times are medians'
   )
   parser.add_argument(
     '--fresh',

@@ -258,7 +258,8 @@ class BertSelfAttention(nn.Module):
     # Padded keys get the most negative finite value rather than -inf, so a fully padded row
     # still gives a (uniform) softmax instead of NaNs.
     if mask is not None:
-      scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
+      # expand_dims, not mask[:, None, None, :]: see apply_rope.
+      scores = jnp.where(jnp.expand_dims(mask, (1, 2)), scores, jnp.finfo(scores.dtype).min)
     # Softmax in float32: its exponentials overflow quickly in half precision.
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
@@ -513,16 +514,19 @@ def rope_tables(positions: Array, head_dim: int, theta: float, dtype: Dtype) -> 
   so both halves of the table repeat the same angles.
   """
   inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.expand_dims(positions.astype(jnp.float32), -1) * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   """Rotates ``x`` (``[batch, length, heads, head_dim]``) by the angles in the tables."""
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  # jnp.split and expand_dims rather than x[..., :half] and cos[:, :, None]: with a symbolic
+  # batch (jax.export shapes, as oto_jax traces a model) JAX turns NumPy-style indexing into
+  # gathers, slower to trace and to run than the split and reshape these emit.
+  first, second = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return x * jnp.expand_dims(cos, 2) + rotated * jnp.expand_dims(sin, 2)
 
 
 class LlamaAttention(nn.Module):

@@ -204,8 +204,10 @@ def _reaches_output(steps: tuple, sources: set, outs: tuple) -> bool:
   (a call, loop or branch passes dependence from anything it reads to everything it defines)."""
   live = set(sources)
   for step in steps:
-    if any(isinstance(r, int) and r in live for r in _reads(step)):
-      live.update(w for w in _writes(step) if isinstance(w, int))
+    # Equations are nearly every step: read their operands directly, not through _reads.
+    reads = step.ins if type(step) is Eqn else _reads(step)
+    if any(type(r) is int and r in live for r in reads):
+      live.update(w for w in _writes(step) if type(w) is int)
   return any(isinstance(o, int) and o in live for o in outs)
 
 
@@ -259,6 +261,7 @@ def _select(
   rank: dict[int, tuple] = {}
   twice: dict[int, str] = {}
   members_of_var: dict[int, list] = defaultdict(list)
+  member_of: set[tuple[int, int]] = set()  # (atom, variable) pairs seen on a member axis
   for k, v in enumerate(var_vals):
     shape = ctx.shape(v)
     for ax in range(len(shape)):
@@ -271,8 +274,10 @@ def _select(
           continue
         slot = entries.setdefault(a, {'m': [], 'd': []})
         member = ax in produced[k]
-        if member and any(e.path == var_paths[k] for e in slot['m']):
-          twice.setdefault(a, f'appears on two member axes of {path_str(var_paths[k])}')
+        if member:
+          if (a, k) in member_of:
+            twice.setdefault(a, f'appears on two member axes of {path_str(var_paths[k])}')
+          member_of.add((a, k))
         entry = GroupEntry(var_paths[k], ax, index, shape)
         slot['m' if member else 'd'].append(entry)
         if member:

@@ -57,7 +57,10 @@ class AxisGraph:
       self.structural.add(r)
 
   def union(self, a: int, b: int) -> None:
-    ra, rb = self.find(a), self.find(b)
+    parent = self.parent
+    # Most unions meet roots or nodes one step below them: skip the call to find then.
+    ra = a if parent[a] == a else self.find(a)
+    rb = b if parent[b] == b else self.find(b)
     if ra == rb:
       return
     if self.size[ra] != self.size[rb]:
@@ -70,12 +73,15 @@ class AxisGraph:
     if rb in self.structural:
       self.structural.discard(rb)
       self.structural.add(ra)
-    la, lb = self.layout.pop(ra, None), self.layout.pop(rb, None)
-    if la is None or lb is None:
-      if la or lb:
-        self.layout[ra] = la or lb
+    layout = self.layout
+    if rb not in layout:
       return
-    self._reconcile(ra, la, lb)
+    lb = layout.pop(rb)
+    la = layout.get(ra)
+    if la is None:
+      layout[ra] = lb
+    else:
+      self._reconcile(ra, la, lb)
 
   def assign(self, a: int, kind: str, children: list[int]) -> None:
     """Declares axis ``a`` to be the product (or concatenation) of ``children``."""

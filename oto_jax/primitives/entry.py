@@ -144,14 +144,18 @@ def elementwise(zero: Zero, *, cost: Callable[[Any, Eqn], Iterable[CostTerm]] = 
 
 def align_elementwise(ctx: Any, eqn: Eqn) -> None:
   """Unites every operand axis with the output axis at the same position (same length > 1)."""
+  shape, unite = ctx.shape, ctx.unite
   for out in eqn.outs:
-    oshape = ctx.shape(out)
+    oshape = shape(out)
     for x in eqn.ins:
-      if isinstance(x, Literal) or len(ctx.shape(x)) != len(oshape):
+      if type(x) is not int:  # a literal
         continue
-      for ax, (a, b) in enumerate(zip(ctx.shape(x), oshape)):
-        if a == b and a > 1:
-          ctx.unite(x, ax, out, ax)
+      xshape = shape(x)
+      if len(xshape) != len(oshape):
+        continue
+      for ax, a in enumerate(xshape):
+        if a > 1 and a == oshape[ax]:
+          unite(x, ax, out, ax)
 
 
 def blocked(reason: str, *, cost: Callable[[Any, Eqn], Iterable[CostTerm]] = per_output) -> PrimitiveEntry:
