@@ -77,7 +77,17 @@ class Proof:
     zmap = self.zero
     zins = [zmap.get(x, _EMPTY) if type(x) is int else _EMPTY for x in ins]
     had = zins[0] if len(zins) == 1 else frozenset().union(*zins)
-    if kind != 'none' and (had or (kind == 'all' and all(type(x) is not int for x in ins))):
+    # A literal zero (broadcast into jnp.where's zeros, a product with 0.0) is zero on every
+    # channel: it makes a `keep` result of literals only, or any `any` result, zero throughout.
+    literal_zero = kind in ('keep', 'any') and any(type(x) is not int and _is_zero(x.val) for x in ins)
+    if literal_zero and kind == 'keep' and any(type(x) is int for x in ins):
+      literal_zero = False
+    if literal_zero:
+      for out in eqn.outs:
+        at = self.atoms(out)
+        if at:
+          zmap[out] = at
+    elif kind != 'none' and (had or (kind == 'all' and all(type(x) is not int for x in ins))):
       for out in eqn.outs:
         at = self.atoms(out)
         if not at:

@@ -262,7 +262,7 @@ class _Run:
       scope[o] = r
 
   def call(self, call: Call, scope: dict) -> None:
-    if call.kind not in ('remat', 'checkpoint'):
+    if call.kind not in ('remat', 'remat2', 'checkpoint'):
       self.steps(call.body, scope)
       return
     live = [i for i, x in enumerate(call.ins) if not isinstance(x, Literal)]

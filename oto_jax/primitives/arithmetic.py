@@ -19,13 +19,14 @@ from oto_jax.primitives.entry import (
 # f(0) == 0: a zero channel stays zero.
 _ZERO_PRESERVING = (
   'neg abs sign floor ceil round sqrt cbrt tanh sin tan asin atan sinh asinh atanh erf '
-  'expm1 log1p square real imag conj'
+  'expm1 log1p square real imag conj bessel_i1e'
 ).split()
 # f(0) != 0 (or undefined): a zero channel becomes non-zero.
 _ZERO_BREAKING = (
   'exp exp2 log logistic cos acos cosh rsqrt erfc erf_inv lgamma digamma is_finite not '
   'eq ne lt le gt ge nextafter atan2 pow population_count clz shift_left shift_right_logical '
-  'shift_right_arithmetic'
+  'shift_right_arithmetic acosh bessel_i0e igamma igammac igamma_grad_a random_gamma_grad polygamma zeta '
+  'regularized_incomplete_beta'
 ).split()
 # Casts and copies: operand 0's data, unchanged in layout.
 _CASTS = 'convert_element_type copy copy_p reduce_precision'.split()
@@ -38,6 +39,16 @@ def _all_zero(ok=None) -> Zero:
 
 def _integer_pow(eqn) -> Zero:
   return KEEP if eqn.params['y'] > 0 else NONE
+
+
+def _bitcast_structure(ctx, eqn):
+  # Same bit width: element for element. Otherwise a trailing axis of bytes appears or
+  # disappears, and the channels' bits are spread over it.
+  x, out = eqn.ins[0], eqn.outs[0]
+  if ctx.shape(x) == ctx.shape(out):
+    align_elementwise(ctx, eqn)
+  else:
+    ctx.block_all([x, out], 'bit-cast to a type of another width', eqn)
 
 
 def _clamp(eqn) -> Zero:
@@ -70,4 +81,10 @@ ENTRIES: dict[str, PrimitiveEntry] = {
     align_elementwise, lambda eqn: Zero('all', operands=tuple(range(1, len(eqn.ins))))
   ),
   'clamp': PrimitiveEntry(align_elementwise, _clamp),
+  # The all-zero bit pattern is zero in every numeric type. No `moves`: a bit-cast literal is
+  # not the same number in the new type, so it must not be folded as a cast is.
+  'bitcast_convert_type': PrimitiveEntry(_bitcast_structure, KEEP, cost=free),
+  # complex(0, 0) = 0; the high half of 0 * y is 0.
+  'complex': elementwise(_all_zero()),
+  'mulhi': elementwise(Zero('any')),
 }

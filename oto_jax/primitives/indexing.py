@@ -1,8 +1,8 @@
-"""Indexing: ``gather`` and dynamic slices."""
+"""Indexing: ``gather``, the ``scatter`` family and dynamic slices."""
 
 from __future__ import annotations
 
-from oto_jax.primitives.entry import PrimitiveEntry, Zero, free
+from oto_jax.primitives.entry import CostTerm, PrimitiveEntry, Zero, all_axes, free
 
 _OPERAND = Zero('keep', operands=(0,))
 
@@ -57,7 +57,43 @@ def _dynamic_update_slice_structure(ctx, eqn):
       ctx.block_axis(upd, ax, 'updated by `dynamic_update_slice`', eqn)
 
 
+def _scatter_structure(ctx, eqn):
+  # The result has the operand's positions; operand axes that the indices address (inserted,
+  # mapped or batching) are blocked, and each whole-width window axis of the updates carries
+  # the channels of its operand axis.
+  dn = eqn.params['dimension_numbers']
+  operand, updates, out = eqn.ins[0], eqn.ins[2], eqn.outs[0]
+  oshape = ctx.shape(operand)
+  batching = set(getattr(dn, 'operand_batching_dims', ()) or ())
+  indexed = set(dn.inserted_window_dims) | set(dn.scatter_dims_to_operand_dims) | batching
+  window_src = [d for d in range(len(oshape)) if d not in dn.inserted_window_dims and d not in batching]
+  for d in range(len(oshape)):
+    ctx.unite(operand, d, out, d)
+  for d in indexed:
+    ctx.block_axis(operand, d, f'indexed by `{eqn.name}`', eqn)
+  ushape = ctx.shape(updates)
+  for d, ud in zip(window_src, dn.update_window_dims):
+    if d not in indexed and ushape[ud] == oshape[d]:
+      ctx.unite(operand, d, updates, ud)
+    else:
+      ctx.block_axis(operand, d, f'partly updated by `{eqn.name}`', eqn)
+      ctx.block_axis(updates, ud, f'partly updated by `{eqn.name}`', eqn)
+
+
+def _per_update(ctx, eqn):
+  """One FLOP per element of the updates (operand 2)."""
+  return [CostTerm(1.0, all_axes(ctx, eqn.ins[2]))]
+
+
 ENTRIES: dict[str, PrimitiveEntry] = {
+  # A channel of the result is zero where the operand and the updates are both zero on it (for
+  # a product, where the operand is).
+  'scatter': PrimitiveEntry(_scatter_structure, Zero('all', operands=(0, 2)), cost=free),
+  **{
+    name: PrimitiveEntry(_scatter_structure, Zero('all', operands=(0, 2)), cost=_per_update)
+    for name in ('scatter-add', 'scatter-sub', 'scatter-max', 'scatter-min')
+  },
+  'scatter-mul': PrimitiveEntry(_scatter_structure, _OPERAND, cost=_per_update),
   'gather': PrimitiveEntry(_gather_structure, _OPERAND, cost=free, rewrite=_slice_sizes_rewrite),
   'dynamic_slice': PrimitiveEntry(
     _dynamic_slice_structure, _OPERAND, cost=free, rewrite=_slice_sizes_rewrite

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from oto_jax.axes import CAT, reshape_groups
-from oto_jax.primitives.entry import KEEP, NONE, PrimitiveEntry, Zero, free
+from oto_jax.axes import CAT, PROD, reshape_groups
+from oto_jax.primitives.entry import KEEP, NONE, PrimitiveEntry, Zero, free, same_axes
 
 _OPERAND = Zero('keep', operands=(0,))
 
@@ -167,6 +167,44 @@ def _rev_structure(ctx, eqn):
       ctx.unite(eqn.ins[0], ax, eqn.outs[0], ax)
 
 
+def _stack_structure(ctx, eqn):
+  # The new axis holds one operand per position: it is no channel of theirs, and pruning it
+  # would drop whole operands, so it is blocked; the operands' own axes pass through.
+  out, axis = eqn.outs[0], eqn.params['axis']
+  others = [ax for ax in range(len(ctx.shape(out))) if ax != axis]
+  for x in eqn.ins:
+    for ax, o in enumerate(others):
+      ctx.unite(x, ax, out, o)
+  ctx.block_axis(out, axis, f'stacks the operands of `{eqn.name}`', eqn)
+
+
+def _unstack_structure(ctx, eqn):
+  x, axis = eqn.ins[0], eqn.params['axis']
+  others = [ax for ax in range(len(ctx.shape(x))) if ax != axis]
+  for out in eqn.outs:
+    for o, ax in enumerate(others):
+      ctx.unite(x, ax, out, o)
+  ctx.block_axis(x, axis, f'split into separate results by `{eqn.name}`', eqn)
+
+
+def _tile_structure(ctx, eqn):
+  # Tiling repeats the whole axis: position r·n + j holds x[j], a row-major product of a
+  # repetition axis and the operand's axis.
+  x, out = eqn.ins[0], eqn.outs[0]
+  for ax, reps in enumerate(eqn.params['reps']):
+    if reps == 1:
+      ctx.unite(x, ax, out, ax)
+    else:
+      ctx.assign(out, ax, PROD, [ctx.fresh(reps), (x, ax)], eqn)
+
+
+def _pairwise_structure(ctx, eqn):
+  """Result ``i`` is operand ``i``, placed or annotated (device_put, sharding constraints)."""
+  for x, out in zip(eqn.ins, eqn.outs):
+    for ax in range(len(ctx.shape(out))):
+      ctx.unite(x, ax, out, ax)
+
+
 def _nothing(ctx, eqn):
   """A primitive without operands (iota): its results are fresh axes."""
 
@@ -188,4 +226,14 @@ ENTRIES: dict[str, PrimitiveEntry] = {
   'pad': PrimitiveEntry(_pad_structure, _OPERAND, cost=free, rewrite=_pad_rewrite),
   'rev': PrimitiveEntry(_rev_structure, KEEP, cost=free),
   'iota': PrimitiveEntry(_nothing, NONE, cost=free),
+  'stack': PrimitiveEntry(_stack_structure, KEEP, cost=free),
+  'unstack': PrimitiveEntry(_unstack_structure, KEEP, cost=free),
+  'tile': PrimitiveEntry(_tile_structure, KEEP, cost=free),
+  # Placement and annotations (`name` is checkpoint_name's, `stage` lifts a value into the
+  # trace): the data is unchanged. A sharding of a pruned axis still applies to the shorter
+  # axis (XLA pads what does not divide).
+  **{
+    name: PrimitiveEntry(_pairwise_structure, KEEP, cost=free, moves=same_axes)
+    for name in 'sharding_constraint device_put layout_constraint name stage'.split()
+  },
 }

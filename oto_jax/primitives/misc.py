@@ -1,11 +1,22 @@
-"""Primitives that create values: random bits, dimension sizes as values."""
+"""Primitives that create values (random bits, dimension sizes), and explicit blocks.
+
+Random generators couple nothing: their results are fresh axes. Where a result's axis is
+pruned, the slim program draws the full-width bits and keeps the surviving positions (the
+evaluator's ``take``), so a train-mode dropout mask on a pruned layer is exactly the full
+model's mask, sliced.
+
+The explicit blocks name primitives that mix the positions of the axes they touch (linear
+algebra, FFTs), run outside the program (host callbacks), or need a mesh the analysis does not
+model (collectives, which only appear inside ``shard_map``): every axis they touch is blocked
+with that reason, instead of the generic "unsupported primitive".
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from oto_jax.ir import is_symbolic
-from oto_jax.primitives.entry import NONE, PrimitiveEntry, elementwise, free
+from oto_jax.primitives.entry import NONE, PrimitiveEntry, blocked, elementwise, free
 
 
 def _nothing(ctx, eqn):
@@ -20,9 +31,45 @@ def _dim_as_value_bind(ctx, eqn, ins, params):
   return [eqn.primitive.bind(**params)]
 
 
+_LINALG = (
+  'cholesky cholesky_update eig eigh lu lu_pivots_to_permutation qr svd schur hessenberg '
+  'householder_product geqrf geqp3 ormqr triangular_solve tridiagonal tridiagonal_solve '
+  'symmetric_product'
+).split()
+_CALLBACKS = 'pure_callback io_callback debug_callback debug_print ffi_call'.split()
+_COLLECTIVES = (
+  'psum pmax pmin ppermute all_gather all_to_all reduce_scatter ragged_all_to_all axis_index pbroadcast'
+).split()
+
 ENTRIES: dict[str, PrimitiveEntry] = {
   **{
     name: elementwise(NONE, cost=free) for name in 'random_bits random_wrap random_unwrap random_seed'.split()
   },
+  **{
+    name: PrimitiveEntry(_nothing, NONE, cost=free)
+    for name in (
+      'random_fold_in random_split random_clone random_gamma threefry2x32 rng_bit_generator rng_uniform'
+    ).split()
+  },
   'dim_as_value': PrimitiveEntry(_nothing, NONE, cost=free, bind=_dim_as_value_bind),
+  # Tokens order effects and carry no data; dce_sink only keeps its operands alive; empty2
+  # makes an uninitialised array; the *_to comparisons relate dimension sizes.
+  **{
+    name: PrimitiveEntry(_nothing, NONE, cost=free)
+    for name in 'create_token after_all dce_sink empty2 eq_to le_to lt_to'.split()
+  },
+  'custom_lin': blocked('an internal of differentiation (linearize), not of a forward pass'),
+  'custom_linear_solve': blocked('a custom linear solve, whose sub-programs are not analysed'),
+  **{name: blocked('a mutable reference (state primitives are not analysed)') for name in ('get', 'swap')},
+  **{
+    name: blocked('the gradient of a max pool mixes the window positions')
+    for name in ('select_and_gather_add', 'select_and_scatter', 'select_and_scatter_add')
+  },
+  **{name: blocked('linear algebra mixes the positions of its matrix axes') for name in _LINALG},
+  'fft': blocked('a Fourier transform mixes the positions of its axes'),
+  **{name: blocked('a host callback: its results cannot be sliced') for name in _CALLBACKS},
+  **{
+    name: blocked('a collective inside shard_map, whose bodies are not analysed yet', cost=free)
+    for name in _COLLECTIVES
+  },
 }

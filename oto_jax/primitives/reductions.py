@@ -8,15 +8,40 @@ _OPERAND = Zero('keep', operands=(0,))
 
 
 def _reduce_structure(ctx, eqn):
-  axes = set(eqn.params['axes'])
-  x, kept = eqn.ins[0], 0
-  for ax in range(len(ctx.shape(x))):
-    if ax in axes:
-      ctx.block_axis(x, ax, f'reduced over by `{eqn.name}`', eqn)
-    else:
+  # The variadic `reduce` takes its operands, then as many initial values, and names its axes
+  # `dimensions`.
+  variadic = eqn.name == 'reduce'
+  axes = set(eqn.params['dimensions' if variadic else 'axes'])
+  operands = eqn.ins[: len(eqn.ins) // 2] if variadic else eqn.ins[:1]
+  for x in operands:
+    kept = 0
+    for ax in range(len(ctx.shape(x))):
+      if ax in axes:
+        ctx.block_axis(x, ax, f'reduced over by `{eqn.name}`', eqn)
+      else:
+        for out in eqn.outs:
+          ctx.unite(x, ax, out, kept)
+        kept += 1
+
+
+def _along_one_axis(axis_of):
+  """Structure of a primitive that reorders or selects along one axis (sort, top-k): that axis
+  is blocked, the others pass from every operand to every result."""
+
+  def structure(ctx, eqn):
+    axis = axis_of(eqn)
+    rank = len(ctx.shape(eqn.ins[0]))
+    axis = axis % rank
+    why = f'ordered along by `{eqn.name}`'
+    for v in (*eqn.ins, *eqn.outs):
+      ctx.block_axis(v, axis, why, eqn)
+    for x in eqn.ins:
       for out in eqn.outs:
-        ctx.unite(x, ax, out, kept)
-      kept += 1
+        for ax in range(rank):
+          if ax != axis:
+            ctx.unite(x, ax, out, ax)
+
+  return structure
 
 
 def _cumulative_structure(ctx, eqn):
@@ -63,7 +88,20 @@ _CUMULATIVE = PrimitiveEntry(_cumulative_structure, KEEP, cost=per_input)
 _WINDOW = PrimitiveEntry(_window_structure, _window_zero, cost=per_input)
 
 ENTRIES: dict[str, PrimitiveEntry] = {
-  **{name: _REDUCE for name in 'reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or'.split()},
+  **{
+    name: _REDUCE
+    for name in 'reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor'.split()
+  },
+  # Its computation is arbitrary: nothing is known to stay zero.
+  'reduce': _REDUCE.replace(zero=NONE),
+  # A channel's sorted slice is a permutation of its own slice, which is zero when every
+  # operand is zero on it.
+  'sort': PrimitiveEntry(_along_one_axis(lambda eqn: eqn.params['dimension']), KEEP, cost=per_input),
+  # The indices of a zero row are not zero.
+  'top_k': PrimitiveEntry(_along_one_axis(lambda eqn: eqn.params.get('axis', -1)), NONE, cost=per_input),
+  'approx_top_k': PrimitiveEntry(
+    _along_one_axis(lambda eqn: eqn.params['reduction_dimension']), NONE, cost=per_input
+  ),
   'argmax': _REDUCE.replace(zero=NONE),
   'argmin': _REDUCE.replace(zero=NONE),
   **{name: _CUMULATIVE for name in 'cumsum cumprod cummax cummin cumlogsumexp'.split()},
