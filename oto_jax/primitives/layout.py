@@ -167,24 +167,26 @@ def _rev_structure(ctx, eqn):
       ctx.unite(eqn.ins[0], ax, eqn.outs[0], ax)
 
 
+def _stacked(ctx, eqn, whole, parts, why: str) -> None:
+  """``whole`` holds ``parts`` one per position of its axis ``eqn.params['axis']``.
+
+  That axis is no channel of the parts, and pruning it would drop whole parts, so it is
+  blocked; every other axis of ``whole`` is the matching axis of each part.
+  """
+  axis = eqn.params['axis']
+  others = [ax for ax in range(len(ctx.shape(whole))) if ax != axis]
+  for part in parts:
+    for ax, w in enumerate(others):
+      ctx.unite(part, ax, whole, w)
+  ctx.block_axis(whole, axis, why, eqn)
+
+
 def _stack_structure(ctx, eqn):
-  # The new axis holds one operand per position: it is no channel of theirs, and pruning it
-  # would drop whole operands, so it is blocked; the operands' own axes pass through.
-  out, axis = eqn.outs[0], eqn.params['axis']
-  others = [ax for ax in range(len(ctx.shape(out))) if ax != axis]
-  for x in eqn.ins:
-    for ax, o in enumerate(others):
-      ctx.unite(x, ax, out, o)
-  ctx.block_axis(out, axis, f'stacks the operands of `{eqn.name}`', eqn)
+  _stacked(ctx, eqn, eqn.outs[0], eqn.ins, 'stacks the operands of `stack`')
 
 
 def _unstack_structure(ctx, eqn):
-  x, axis = eqn.ins[0], eqn.params['axis']
-  others = [ax for ax in range(len(ctx.shape(x))) if ax != axis]
-  for out in eqn.outs:
-    for o, ax in enumerate(others):
-      ctx.unite(x, ax, out, o)
-  ctx.block_axis(x, axis, f'split into separate results by `{eqn.name}`', eqn)
+  _stacked(ctx, eqn, eqn.ins[0], eqn.outs, 'split into separate results by `unstack`')
 
 
 def _tile_structure(ctx, eqn):
