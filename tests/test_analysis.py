@@ -15,10 +15,12 @@ import math
 import chex
 import flax.linen as nn
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.interpreters import mlir
 
 import oto_jax
 from oto_jax.partition import path_of
@@ -213,8 +215,37 @@ class DenseSortDense(nn.Module):
     return nn.Dense(3)(x)
 
 
-def test_unknown_primitive_names_itself_and_its_location():
-  model, x = DenseSortDense(), _inputs(4, 5)
+def _make_roll() -> jex.core.Primitive:
+  """A primitive of the user's own with no registry entry: rolls the last axis by one."""
+  prim = jex.core.Primitive('roll_channels')
+  prim.def_impl(lambda x: jnp.roll(x, 1, axis=-1))
+  prim.def_abstract_eval(lambda aval: aval)
+  mlir.register_lowering(prim, mlir.lower_fun(lambda x: jnp.roll(x, 1, axis=-1), multiple_results=False))
+  return prim
+
+
+ROLL = _make_roll()
+
+
+class DenseRollDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(6)(x)
+    return nn.Dense(3)(ROLL.bind(h))
+
+
+@pytest.mark.parametrize(
+  'model, reason',
+  [
+    (DenseSortDense(), 'ordered along by `sort`'),
+    (DenseRollDense(), 'unsupported primitive `roll_channels`'),
+  ],
+  ids=['sort', 'unknown'],
+)
+def test_channel_mixing_primitive_names_itself_and_its_location(model, reason):
+  """Sorting along the channels, and a primitive with no entry, block the channels they touch,
+  with a reason that names the primitive and the line."""
+  x = _inputs(4, 5)
   v = _init(model, x)
   part = oto_jax.zig_partition(model.apply, v, x)
   produce = _group(part, ('params', 'Dense_0', 'kernel'), 1)
@@ -222,9 +253,9 @@ def test_unknown_primitive_names_itself_and_its_location():
   assert part.num_zigs == 0, part.summary()
   for g in (produce, consume):
     assert not g.prunable, part.summary()
-    assert 'unsupported primitive `sort`' in g.reason, g.reason
-  # Sorting moves the zero channel to a row-dependent position: row 2 of the consumer is
-  # not the one that meets it.
+    assert reason in g.reason, g.reason
+  # Both move the zero channel to another position: row 2 of the consumer is not the one
+  # that meets it.
   fn = jax.jit(model.apply)
   zeroed, shaken = _zero_and_shake(v, [produce, consume], 2)
   _assert_moves(lambda w: fn(w, x), zeroed, shaken)
