@@ -224,6 +224,8 @@ def _produced_axes(ctx: StructureContext, v: int) -> frozenset:
   while stack:
     x, where_axes = stack.pop()
     for kind, payload in ctx.uses.get(x, ()):
+      if kind == 'moved':
+        kind, payload = 'pass', (payload.outs[0], payload.entry.moves(ctx, payload))
       if kind == 'pass':
         out, moves = payload
         stack.append((out, [tuple(m for p in pos for m in moves[p]) for pos in where_axes]))

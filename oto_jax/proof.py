@@ -75,19 +75,23 @@ class Proof:
     args = eqn.ins
     ins = args if zero.operands is None else [args[i] for i in zero.operands]
     zmap = self.zero
-    zins = [zmap.get(x, _EMPTY) if type(x) is int else _EMPTY for x in ins]
+    zins, all_literal, literal_zero = [], True, False
+    for x in ins:
+      if type(x) is int:
+        zins.append(zmap.get(x, _EMPTY))
+        all_literal = False
+      else:
+        zins.append(_EMPTY)
+        literal_zero = literal_zero or (kind in ('keep', 'any') and _is_zero(x.val))
     had = zins[0] if len(zins) == 1 else frozenset().union(*zins)
     # A literal zero (broadcast into jnp.where's zeros, a product with 0.0) is zero on every
     # channel: it makes a `keep` result of literals only, or any `any` result, zero throughout.
-    literal_zero = kind in ('keep', 'any') and any(type(x) is not int and _is_zero(x.val) for x in ins)
-    if literal_zero and kind == 'keep' and any(type(x) is int for x in ins):
-      literal_zero = False
-    if literal_zero:
+    if literal_zero and (kind == 'any' or all_literal):
       for out in eqn.outs:
         at = self.atoms(out)
         if at:
           zmap[out] = at
-    elif kind != 'none' and (had or (kind == 'all' and all(type(x) is not int for x in ins))):
+    elif kind != 'none' and (had or (kind == 'all' and all_literal)):
       for out in eqn.outs:
         at = self.atoms(out)
         if not at:

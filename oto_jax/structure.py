@@ -210,7 +210,8 @@ def _eqn(ctx: StructureContext, eqn: Eqn) -> None:
     if isinstance(a, Literal):
       continue
     if k == 0 and entry.moves is not None:
-      ctx.uses[a].append(('pass', (eqn.outs[0], entry.moves(ctx, eqn))))
+      # Where the axes land is asked only along a variable's uses: computed then, not here.
+      ctx.uses[a].append(('moved', eqn))
     elif contract is not None and k < 2:
       ctx.uses[a].append(('contract', frozenset(contract[k])))
     else:
