@@ -123,7 +123,7 @@ def zig_partition(
     polymorphic_constraints=polymorphic_constraints,
   )
   prog = traced.program
-  ctx = StructureContext(prog.values, prog.signature.env)
+  ctx = StructureContext(prog.values, prog.signature.env, watch=prog.variables)
   structure.run(ctx, prog.steps)
 
   # Model inputs and outputs are fixed by the caller; state outputs (updated batch statistics)
@@ -264,13 +264,14 @@ def _select(
   twice: dict[int, str] = {}
   members_of_var: dict[int, list] = defaultdict(list)
   member_of: set[tuple[int, int]] = set()  # (atom, variable) pairs seen on a member axis
+  index_memo: dict = {}
   for k, v in enumerate(var_vals):
     shape = ctx.shape(v)
     for ax in range(len(shape)):
       node = ctx.node(v, ax)
       for a in set(g.atoms_of(node, proof.memo)):
         try:
-          index, depth = g.index_map(node, a)
+          index, depth = g.index_map(node, a, index_memo)
         except ValueError:
           twice.setdefault(a, f'appears twice in one axis of {path_str(var_paths[k])}')
           continue

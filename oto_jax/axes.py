@@ -159,20 +159,33 @@ class AxisGraph:
     memo[r] = out
     return out
 
-  def index_map(self, a: int, atom: int) -> tuple[np.ndarray, int]:
+  def index_map(self, a: int, atom: int, memo: dict | None = None) -> tuple[np.ndarray, int]:
     """For each slice of axis ``a``: the index along ``atom`` it belongs to, or -1.
 
     Also returns the layout position of the factor that holds the atom (0 for the
     outermost, -1 when absent), used to rank atoms competing for the same entries.
+
+    With ``memo`` (a dict kept by the caller while the graph does not change), every axis
+    united with ``a`` shares one read-only array.
     """
     r, atom = self.find(a), self.find(atom)
+    key = (r, atom)
+    if memo is not None and key in memo:
+      return memo[key]
+    out = self._index_map(r, atom, memo)
+    out[0].flags.writeable = False
+    if memo is not None:
+      memo[key] = out
+    return out
+
+  def _index_map(self, r: int, atom: int, memo: dict | None) -> tuple[np.ndarray, int]:
     if r == atom:
       return np.arange(self.size[r], dtype=np.int32), 0
     lay = self.children(r)
     if lay is None:
       return np.full((self.size[r],), -1, np.int32), -1
     kind, kids = lay
-    maps = [self.index_map(c, atom) for c in kids]
+    maps = [self.index_map(c, atom, memo) for c in kids]
     if kind == CAT:
       depth = min((d for _, d in maps if d >= 0), default=-1)
       return np.concatenate([m for m, _ in maps]), depth

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax.extend as jex
@@ -45,10 +45,17 @@ class StructureContext:
 
   Values are the ids of the :class:`~oto_jax.ir.Program`; literals are :class:`Literal` and are
   ignored by every operation.
+
+  Args:
+    values: the program's value table.
+    env: the analysed value of each dimension variable.
+    watch: values whose uses are recorded in ``uses`` (the variables); what a pure data move
+      (reshape, cast, loop carry) makes of a watched value is watched too.
   """
 
-  def __init__(self, values: Values, env: Mapping[str, int]):
+  def __init__(self, values: Values, env: Mapping[str, int], watch: Iterable[int] = ()):
     self.values = values
+    self.watched = set(watch)
     self.graph = AxisGraph()
     sizes = [n for shape in values.shapes for n in shape]
     first = self.graph.extend(sizes)
@@ -201,17 +208,19 @@ def _eqn(ctx: StructureContext, eqn: Eqn) -> None:
     )
     ctx.block_all(list(eqn.ins) + list(eqn.outs), f'unsupported primitive `{eqn.name}`{sub}', eqn)
     for a in eqn.ins:
-      if not isinstance(a, Literal):
+      if type(a) is int and a in ctx.watched:
         ctx.uses[a].append(('other', None))
     return
   entry.structure(ctx, eqn)
+  watched = ctx.watched
   contract = eqn.zero.contract
   for k, a in enumerate(eqn.ins):
-    if isinstance(a, Literal):
+    if type(a) is not int or a not in watched:
       continue
     if k == 0 and entry.moves is not None:
       # Where the axes land is asked only along a variable's uses: computed then, not here.
       ctx.uses[a].append(('moved', eqn))
+      watched.add(eqn.outs[0])
     elif contract is not None and k < 2:
       ctx.uses[a].append(('contract', frozenset(contract[k])))
     else:
@@ -227,8 +236,9 @@ def _same(ctx: StructureContext, a: Any, b: Any) -> None:
 
 
 def _moved(ctx: StructureContext, outer: Any, inner: int, moves: tuple) -> None:
-  if not isinstance(outer, Literal):
+  if type(outer) is int and outer in ctx.watched:
     ctx.uses[outer].append(('pass', (inner, moves)))
+    ctx.watched.add(inner)
 
 
 def _loop(ctx: StructureContext, loop: Loop) -> None:
