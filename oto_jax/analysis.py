@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from oto_jax import primitives, structure, tracing
+from oto_jax import primitives, sharing, structure, tracing
 from oto_jax.axis_zigs import AxisZigs
 from oto_jax.errors import AnalysisError
 from oto_jax.ir import Call, Cond, Eqn, Loop
@@ -122,7 +122,7 @@ def zig_partition(
     polymorphic_shapes=polymorphic_shapes,
     polymorphic_constraints=polymorphic_constraints,
   )
-  prog = traced.program
+  prog = sharing.fork_shared_constants(traced.program)
   ctx = StructureContext(prog.values, prog.signature.env, watch=prog.variables)
   structure.run(ctx, prog.steps)
 

@@ -21,6 +21,7 @@ import dataclasses
 import os
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -299,6 +300,8 @@ class Program:
     var_tree: the variables' structure; ``out_tree`` the outputs'.
     module: the linen module whose ``apply`` was analysed, if it was one (for
       :attr:`Subnet.module`).
+    shared_constants: values computed only from constants (no variable, no input) that two
+      or more equations read (see :mod:`oto_jax.sharing`).
   """
 
   steps: tuple
@@ -311,6 +314,7 @@ class Program:
   var_tree: Any
   out_tree: Any
   module: Any = None
+  shared_constants: frozenset = frozenset()
 
   @property
   def variables(self) -> tuple[int, ...]:
@@ -358,6 +362,10 @@ class Builder:
     self.dtypes: list[Any] = []
     self.consts: dict[int, Any] = {}
     self._concrete: dict[tuple, tuple[int, ...]] = {}
+    # Values that may depend on an input or a variable (the caller seeds it with the invars),
+    # and how many equations read each of the others: constants read twice are shared.
+    self.dynamic: set[int] = set()
+    self.constant_reads: Counter = Counter()
 
   def value(self, aval: Any) -> int:
     shape = tuple(getattr(aval, 'shape', ()))
@@ -416,6 +424,15 @@ class Builder:
         outs = [Literal(np.asarray(args[0].val, dtype=eqn.outvars[0].aval.dtype))]
       else:
         outs = [self.value(v.aval) for v in eqn.outvars]
+        dynamic = False
+        for a in args:
+          if type(a) is int:
+            if a in self.dynamic:
+              dynamic = True
+            else:
+              self.constant_reads[a] += 1
+        if dynamic:
+          self.dynamic.update(outs)
         step = Eqn(eqn.primitive, eqn.params, tuple(args), tuple(outs), entry, None, eqn.source_info, sites)
         if entry is not None:
           step.zero = entry.zero(step) if callable(entry.zero) else entry.zero
@@ -431,10 +448,12 @@ class Builder:
     consts, init, xs = args[:n_consts], args[n_consts : n_consts + n_carry], args[n_consts + n_carry :]
     c_in = [self.value(v.aval) for v in body.invars[n_consts : n_consts + n_carry]]
     x_in = [self.value(v.aval) for v in body.invars[n_consts + n_carry :]]
+    self._taint(args, c_in + x_in)
     here = (*sites, eqn.source_info)
     body_steps, outs = self.walk(body, list(closed.consts), consts + c_in + x_in, here)
     final = [self.value(v.aval) for v in eqn.outvars[:n_carry]]
     ys = [self.value(v.aval) for v in eqn.outvars[n_carry:]]
+    self._taint(args, final + ys)
     carries = tuple(Carry(*c) for c in zip(init, c_in, outs[:n_carry], final))
     steps.append(
       Loop(
@@ -457,10 +476,12 @@ class Builder:
     cconsts, bconsts, init = args[:nc], args[nc : nc + nb], args[nc + nb :]
     body, cond = p['body_jaxpr'], p['cond_jaxpr']
     c_in = [self.value(v.aval) for v in body.jaxpr.invars[nb:]]
+    self._taint(args, c_in)
     here = (*sites, eqn.source_info)
     cond_steps, (pred,) = self.walk(cond.jaxpr, list(cond.consts), cconsts + c_in, here)
     body_steps, outs = self.walk(body.jaxpr, list(body.consts), bconsts + c_in, here)
     final = [self.value(v.aval) for v in eqn.outvars]
+    self._taint(args, final)
     carries = tuple(Carry(*c) for c in zip(init, c_in, outs, final))
     steps.append(
       Loop('while', body_steps, carries, cond=cond_steps, pred=pred, source=eqn.source_info, sites=sites)
@@ -474,8 +495,15 @@ class Builder:
       br_steps, br_outs = self.walk(br.jaxpr, list(br.consts), args[1:], here)
       branches.append(Branch(br_steps, tuple(br_outs)))
     outs = [self.value(v.aval) for v in eqn.outvars]
+    self._taint(args, outs)
     steps.append(Cond(args[0], tuple(branches), tuple(outs), eqn.source_info, sites))
     return outs
+
+  def _taint(self, args: list, defined: list) -> None:
+    # A loop or branch that reads nothing dynamic computes nothing dynamic; one that does may
+    # make anything it defines so.
+    if any(type(a) is int and a in self.dynamic for a in args):
+      self.dynamic.update(defined)
 
 
 def shape_of(values: Values, x: Ref) -> tuple[int, ...]:

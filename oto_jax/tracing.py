@@ -195,7 +195,14 @@ def trace(
   builder = Builder(lookup, env)
   jaxpr = closed.jaxpr
   invals = [builder.value(v.aval) for v in jaxpr.invars]
+  builder.dynamic.update(invals)
   steps, outs = builder.walk(jaxpr, list(closed.consts), list(invals))
+  values = builder.values()
+  shared = frozenset(
+    v
+    for v, n in builder.constant_reads.items()
+    if n > 1 and any(isinstance(d, int) and d > 1 for d in values.sym(v))
+  )
 
   sym_it = iter(v.aval.shape for v in jaxpr.invars[len(var_paths) :])
   leaves = []
@@ -208,7 +215,7 @@ def trace(
   out_flat = jax.tree_util.tree_flatten_with_path(out_shape)[0]
   program = Program(
     steps=steps,
-    values=builder.values(),
+    values=values,
     consts=builder.consts,
     invars=tuple(invals),
     outs=tuple(outs),
@@ -217,6 +224,7 @@ def trace(
     var_tree=jax.tree_util.tree_structure(variables),
     out_tree=jax.tree_util.tree_structure(out_shape),
     module=_module_of(apply_fn),
+    shared_constants=shared,
   )
   return Traced(
     program=program,
