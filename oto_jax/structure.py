@@ -21,6 +21,7 @@ from typing import Any
 import jax.extend as jex
 
 from oto_jax.axes import PROD, AxisGraph, reshape_groups
+from oto_jax.errors import AnalysisError
 from oto_jax.ir import Call, Cond, Eqn, Literal, Loop, Values, evaluate_shape
 
 # Stand-ins for dimension variables when grouping a reshape's axes: large primes, so that no
@@ -132,7 +133,15 @@ class StructureContext:
       groups = reshape_groups(self.values.shapes[x], self.values.shapes[out])
       symbolic = False
     else:
-      groups = reshape_groups(self._generic_shape(x), self._generic_shape(out))
+      gx, go = self._generic_shape(x), self._generic_shape(out)
+      if math.prod(gx) != math.prod(go):
+        # jax.export lets it through because both sides hold zero elements at batch 0.
+        raise AnalysisError(
+          f'`{step.name if step else "reshape"}` at {step.where if step else "?"} reshapes '
+          f'{self.values.sym(x)} to {self.values.sym(out)}, which hold different numbers of '
+          'elements at every batch size but 0; check the sizes given to the reshape.'
+        )
+      groups = reshape_groups(gx, go)
       symbolic = True
     for ga, gb in groups:
       if symbolic and (any(self.is_symbolic(x, k) for k in ga) or any(self.is_symbolic(out, k) for k in gb)):

@@ -204,3 +204,10 @@ def test_saved_stablehlo_runs_every_batch_size_without_oto_jax(tmp_path):
   restored = oto_jax.load_subnet(str(tmp_path))
   got = restored.apply(restored.variables, data['x5'])
   np.testing.assert_allclose(np.asarray(got), data['y5'], rtol=1e-5, atol=1e-6)
+
+
+def test_reshape_that_only_fits_batch_zero_is_refused():
+  """jax.export accepts reshaping (b, 16) to (b, 4, 2), both empty at b = 0; the analysis names
+  it instead of failing inside."""
+  with pytest.raises(oto_jax.AnalysisError, match=r'reshapes \(b, 16\) to \(b, 4, 2\)'):
+    oto_jax.zig_partition(lambda w, x: (x @ w).reshape(x.shape[0], 4, 2), jnp.ones((8, 16)), jnp.ones((2, 8)))

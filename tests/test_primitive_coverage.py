@@ -236,3 +236,37 @@ def test_rotary_attention_built_with_stack_keeps_its_heads():
     chex.assert_trees_all_close(
       subnet.apply(subnet.variables, xb), _rotary_attention(zeroed, xb), rtol=1e-5, atol=1e-5
     )
+
+
+def _block_gather(params, x, heads=4, keep=2):
+  # BigBird-style: each head reads its own feature positions, a gather vmapped over the heads
+  # (operand_batching_dims).
+  h = x @ params['w1']
+  b, d = h.shape
+  h = h.reshape(b, heads, d // heads)
+  idx = jnp.asarray(np.arange(heads * keep).reshape(heads, keep) % (d // heads))
+  picked = jax.vmap(lambda hh, i: hh[:, i], in_axes=(1, 0), out_axes=1)(h, idx)
+  return picked.reshape(b, heads * keep) @ params['w2']
+
+
+def test_vmapped_gather_keeps_its_batched_heads():
+  """A gather batched over the heads (operand_batching_dims) reads head h only from head h:
+  the 4 heads are ZIGs (the gathered feature axis is indexed, so blocked), and the slim model
+  without two heads is exact."""
+  rng = np.random.default_rng(0)
+  params = {
+    'w1': jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
+    'w2': jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+  }
+  x = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
+  part = oto_jax.zig_partition(_block_gather, params, x)
+  assert 'gather' in _kinds(part.program.steps)
+  assert part.num_zigs == 4 and [g.size for g in part.prunable_groups] == [4], part.summary()
+  zeroed = randomize_dependents(part, zero_members(part, params, [0, 2]), [0, 2], seed=1)
+  subnet = oto_jax.construct_subnet(part, zeroed)
+  assert subnet.variables['w1'].shape == (8, 8) and subnet.variables['w2'].shape == (4, 3)
+  for batch in (2, 5):
+    xb = jnp.asarray(rng.normal(size=(batch, 8)), jnp.float32)
+    chex.assert_trees_all_close(
+      subnet.apply(subnet.variables, xb), _block_gather(zeroed, xb), rtol=1e-5, atol=1e-5
+    )

@@ -12,21 +12,29 @@ def _gather_structure(ctx, eqn):
   operand, indices, out = eqn.ins[0], eqn.ins[1], eqn.outs[0]
   sizes = eqn.params['slice_sizes']
   oshape = ctx.shape(operand)
-  batching = set(getattr(dn, 'operand_batching_dims', ()) or ())
+  batching = tuple(getattr(dn, 'operand_batching_dims', ()) or ())
   offset_src = [d for d in range(len(oshape)) if d not in dn.collapsed_slice_dims and d not in batching]
-  indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | batching
+  indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
   for d, od in zip(offset_src, dn.offset_dims):
     if sizes[d] == oshape[d] and d not in indexed:
       ctx.unite(operand, d, out, od)
     else:
       ctx.block_axis(out, od, 'sliced by `gather`', eqn)
-  for d in indexed:
+  for d in indexed - set(batching):
     ctx.block_axis(operand, d, 'indexed by `gather`', eqn)
+  # The result's batch axes follow the indices' axes (the index vector is their last).
   batch_out = [d for d in range(len(ctx.shape(out))) if d not in dn.offset_dims]
   ishape = ctx.shape(indices)
   for od, idim in zip(batch_out, range(len(ishape) - 1)):
     if ishape[idim] == ctx.shape(out)[od]:
       ctx.unite(indices, idim, out, od)
+  # A batching axis (a vmapped gather) is gathered from slice by slice: slice b of the operand
+  # feeds only slice b of the result, as in an element-wise op.
+  for d, idim in zip(batching, getattr(dn, 'start_indices_batching_dims', ()) or ()):
+    if d in indexed or idim >= len(batch_out):
+      ctx.block_axis(operand, d, 'indexed by `gather`', eqn)
+    else:
+      ctx.unite(operand, d, out, batch_out[idim])
 
 
 def _slice_sizes_rewrite(ctx, eqn):
