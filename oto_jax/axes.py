@@ -108,7 +108,9 @@ class AxisGraph:
     sa = [self.size[c] for c in ca]
     sb = [self.size[c] for c in cb]
     if ka != kb:
-      self._conflict(r, lb, 'both a reshape product and a concatenation of parts')
+      prod, cat = (ca, cb) if ka == PROD else (cb, ca)
+      if not self._rows(r, prod, cat):
+        self._conflict(r, lb, 'both a reshape product and a concatenation of parts that cut it differently')
       return
     if sa == sb:
       for x, y in zip(ca, cb):
@@ -130,6 +132,23 @@ class AxisGraph:
         hi = cuts.index(end) + 1
         self.assign(child, ka, list(segs[lo:hi]))
         lo = hi
+
+  def _rows(self, r: int, factors: tuple[int, ...], parts: tuple[int, ...]) -> bool:
+    """Reconciles a product with a concatenation whose parts are whole rows of its outermost
+    factor (a channel shuffle meeting a split or a concat): that factor becomes the
+    concatenation of the parts' row counts, and each part the product of its rows and the
+    inner factors. Returns False, changing nothing, when a part cuts a row.
+    """
+    inner = math.prod(self.size[f] for f in factors[1:])
+    sizes = [self.size[p] for p in parts]
+    if any(n % inner for n in sizes):
+      return False
+    rows = [self.new(n // inner) for n in sizes]
+    self.layout[r] = (PROD, tuple(factors))
+    self.assign(factors[0], CAT, rows)
+    for part, row in zip(parts, rows):
+      self.assign(part, PROD, [row, *factors[1:]])
+    return True
 
   def _conflict(self, r: int, other, why: str) -> None:
     self.block(r, f'axis is {why}')

@@ -36,11 +36,29 @@ def test_concatenations_refine_and_unite_matching_parts():
   assert _leaves(g, b) == [2, 4]
 
 
-def test_product_against_concatenation_is_a_conflict():
+def test_concatenation_of_whole_rows_refines_a_product():
+  """(2 groups × 4) meets [4 | 4] (a channel shuffle next to a concat): each part is one row of
+  the group factor times the shared inner factor."""
+  g = AxisGraph()
+  x, groups, inner = g.new(8), g.new(2), g.new(4)
+  g.assign(x, PROD, [groups, inner])
+  a, b = g.new(4), g.new(4)
+  g.assign(x, CAT, [a, b])
+  assert g.find(x) not in g.blocked
+  assert g.find(a) == g.find(inner) == g.find(b)
+  # Rows of 2 out of (3 × 2): the outer factor splits into the parts' row counts.
+  y, outer, pair = g.new(6), g.new(3), g.new(2)
+  g.assign(y, PROD, [outer, pair])
+  c, d = g.new(4), g.new(2)
+  g.assign(y, CAT, [c, d])
+  assert _leaves(g, outer) == [2] and _leaves(g, c) == [2, 2] and g.find(d) == g.find(pair)
+
+
+def test_product_against_concatenation_that_cuts_a_row_is_a_conflict():
   g = AxisGraph()
   x = g.new(8)
   g.assign(x, PROD, [g.new(2), g.new(4)])
-  g.assign(x, CAT, [g.new(4), g.new(4)])
+  g.assign(x, CAT, [g.new(3), g.new(5)])
   assert 'both a reshape product and a concatenation' in g.blocked[g.find(x)]
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import assume, event, given, settings
+from hypothesis import Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
 import oto_jax
@@ -642,3 +642,32 @@ def test_export_runs_without_oto_jax(exported_models, tmp_path):
   )
   assert child.returncode == 0, child.stdout + child.stderr[-3000:]
   assert f'checked {len(names)} models; failures: []' in child.stdout, child.stdout
+
+
+def _shuffle_and_concat(spec: tuple) -> bool:
+  blocks = spec[1][0]
+  kinds = {b[0] for b in blocks}
+  concat = kinds & {'branches', 'grow'} or any(b[0] == 'split' and b[1] == 'concat' for b in blocks)
+  return 'shuffle' in kinds and bool(concat)
+
+
+def test_shuffle_and_concat_architectures_have_zigs():
+  """Random conv architectures with a channel shuffle and a concatenation: at least 95% have
+  ZIGs (a shuffle that meets a concat along whole rows of its groups is reconciled; one whose
+  parts cut a row still blocks that stream)."""
+  specs = []
+
+  @settings(max_examples=examples(600), derandomize=True, phases=[Phase.generate])
+  @given(conv_specs())
+  def collect(spec):
+    if _shuffle_and_concat(spec):
+      specs.append(spec)
+
+  collect()
+  assert len(specs) >= examples(40), len(specs)
+  with_zigs = 0
+  for spec in specs:
+    x = jax.device_put(_inputs(spec, 'float32')[:ANALYSED])
+    built = arch.build('linen', functools.partial(conv_forward, spec[1]), x)
+    with_zigs += oto_jax.zig_partition(built.apply_fn, built.variables, x).num_zigs > 0
+  assert with_zigs >= 0.95 * len(specs), f'{with_zigs} of {len(specs)}'

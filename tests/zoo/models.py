@@ -10,9 +10,10 @@ count: the two builds must agree with it, and with each other.
 
 Counting rules, in short: a channel / hidden unit / attention head produced by a layer and
 consumed by a contraction is one ZIG; a residual add or a shared consumer ties channels into
-one node group; the model's input and output axes, anything normalised by LayerNorm/RMSNorm,
-anything reduced over, and streams that pass a channel shuffle are never prunable; a
-depthwise conv's channel is its input's ZIG, and a grouped conv gives one ZIG per group.
+one node group; the model's input and output axes, anything normalised by LayerNorm/RMSNorm
+and anything reduced over are never prunable; a channel shuffle's (groups, channels) view
+ties channel i of every group into one ZIG; a depthwise conv's channel is its input's ZIG, and
+a grouped conv gives one ZIG per group.
 
 Linen builds of models with BatchNorm are applied with ``train=False`` (a static argument the
 slim model must honour); NNX builds construct BatchNorm in eval mode.
@@ -439,10 +440,13 @@ SPECS: dict[str, Callable[[], tuple]] = {
   # Stream 16 = stem + second conv + SE's up Dense (gating the same channels);
   # first conv 16; SE reduced units 4. 16 + 16 + 4 = 36.
   'se_net': lambda: (se_net, (images(8, 8),), 36, [16, 16, 4], True),
-  # Everything that reaches a channel shuffle (the stem's first half, each unit's last 1x1) is
-  # unprunable; each unit's first 1x1 (its depthwise follows it channel by channel) counts, and
-  # so does the stem's second half, which only unit 0's branch consumes: 8 + 8 + 8 = 24.
-  'shufflenet_v2': lambda: (shufflenet_v2, (images(8, 8),), 24, [8, 8, 8], True),
+  # Each unit's first 1x1 (its depthwise follows it channel by channel) is 8, and so is the
+  # stem's second half, which only unit 0's branch consumes. The shuffled stream: unit 0's
+  # shuffle views [stem first half | its last 1x1] as (2 groups, 8), so channel i of the two
+  # is one ZIG (8); unit 1's split cuts that stream into rows 0-3 and 4-7 of those 8, and its
+  # shuffle puts its last 1x1's channels 2i and 2i+1 beside stream channel i of rows 0-3: the
+  # 8 become two groups of 4. 8 + 8 + 8 + 4 + 4 = 32.
+  'shufflenet_v2': lambda: (shufflenet_v2, (images(8, 8),), 32, [4, 4, 8, 8, 8], True),
   # conv 8 + conv 16 (flattened with a 4x4 extent into Dense rows) + Dense 32 = 56.
   'conv_flatten_dense': lambda: (conv_flatten_dense, (images(8, 8),), 56, [8, 16, 32], False),
   # Encoder 8+8, 16+16; bottleneck 32+32; decoder: up 16, convs 16+16; up 8, convs 8+8.
