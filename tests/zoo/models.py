@@ -347,6 +347,39 @@ def llama(
 # Lifted transforms
 
 
+def alibi_bias(heads: int, length: int) -> Array:
+  """ALiBi: head ``h`` adds ``-m_h · |i - j|`` to its scores, slopes ``m_h = 2^(-8h/H)``."""
+  slopes = 2.0 ** (-8.0 * jnp.arange(1, heads + 1) / heads)
+  pos = jnp.arange(length)
+  return slopes[:, None, None] * -jnp.abs(pos[None, :, None] - pos[None, None, :])
+
+
+def rotate_every_two(x: Array) -> Array:
+  """GPT-J / RoFormer rotary pairs (x[2i], x[2i+1]), reassembled with jnp.stack."""
+  return jnp.stack([-x[..., 1::2], x[..., ::2]], axis=-1).reshape(x.shape)
+
+
+def shared_bias_encoder(L: Layers, x: Array, hidden: int = 32, heads: int = 4, rotary: bool = False) -> Array:
+  """Input projection; post-norm layers whose attention adds one ALiBi bias computed once for
+  all layers (``rotary=False``) or rotates q and k GPT-J style (``rotary=True``); MLP; pool."""
+  x = L.dense(x, hidden)
+  b, t, _ = x.shape
+  hd = hidden // heads
+  bias = alibi_bias(heads, t)
+  angles = jnp.arange(t)[:, None] * (1.0 / 10000 ** (jnp.arange(0, hd, 2) / hd))
+  sin, cos = (jnp.repeat(f(angles), 2, axis=-1)[:, None, :] for f in (jnp.sin, jnp.cos))
+  for _ in range(2):
+    q, k, v = (L.dense(x, hidden).reshape(b, t, heads, hd) for _ in range(3))
+    if rotary:
+      q, k = (u * cos + rotate_every_two(u) * sin for u in (q, k))
+    s = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(hd)
+    s = s if rotary else s + bias
+    a = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1), v).reshape(b, t, hidden)
+    x = L.layer_norm(x + L.dense(a, hidden))
+    x = L.layer_norm(x + gelu_mlp(L, x, 48))
+  return L.dense(x.mean(axis=1), 10)
+
+
 def scan_stack(width: int = 32, hidden: int = 24, depth: int = 3, classes: int = 10):
   """Input Dense, ``depth`` residual MLP blocks stacked by the framework's scan, Dense head."""
 
@@ -464,6 +497,17 @@ SPECS: dict[str, Callable[[], tuple]] = {
   # Per layer 2 KV heads (k, v of the head + q and o of its 2 query heads) + 64 SwiGLU units
   # (gate/up column pairs); the residual stream is RMSNorm-ed. 2 * 66 = 132.
   'llama': lambda: (llama, (tokens(8, 64),), 132, [2, 64, 2, 64], False),
+  # Per layer 4 heads (q, k, v columns + o rows) + 48 MLP units; the bias is computed once from
+  # constants, so it ties neither layer's heads to the other's. 2 * 52 = 104.
+  'alibi_encoder': lambda: (shared_bias_encoder, (features(6, 16),), 104, [4, 48, 4, 48], False),
+  # The same with GPT-J rotary q and k: the strided halves block head_dim, never the heads.
+  'rotary_stack_encoder': lambda: (
+    functools.partial(shared_bias_encoder, rotary=True),
+    (features(6, 16),),
+    104,
+    [4, 48, 4, 48],
+    False,
+  ),
   # Stream 32 = input Dense + every scanned block's second Dense; hidden 24 is one group for
   # all 3 scanned layers. 32 + 24 = 56.
   'scan_stack': lambda: (scan_stack(), (features(16),), 56, [32, 24], False),
