@@ -74,6 +74,7 @@ class Proof:
     kind = zero.kind
     args = eqn.ins
     ins = args if zero.operands is None else [args[i] for i in zero.operands]
+    outs = eqn.outs if zero.results is None else [eqn.outs[i] for i in zero.results]
     zmap = self.zero
     zins, all_literal, literal_zero = [], True, False
     for x in ins:
@@ -87,12 +88,12 @@ class Proof:
     # A literal zero (broadcast into jnp.where's zeros, a product with 0.0) is zero on every
     # channel: it makes a `keep` result of literals only, or any `any` result, zero throughout.
     if literal_zero and (kind == 'any' or all_literal):
-      for out in eqn.outs:
+      for out in outs:
         at = self.atoms(out)
         if at:
           zmap[out] = at
     elif kind != 'none' and (had or (kind == 'all' and all_literal)):
-      for out in eqn.outs:
+      for out in outs:
         at = self.atoms(out)
         if not at:
           continue
@@ -116,9 +117,12 @@ class Proof:
         for a in (had & at) - zs:
           self.lost.setdefault(a, eqn)
     elif had:
+      outs = ()
+    if had and len(outs) < len(eqn.outs):  # results the rule does not speak for lose the zeros
       for out in eqn.outs:
-        for a in had & self.atoms(out):
-          self.lost.setdefault(a, eqn)
+        if out not in outs:
+          for a in had & self.atoms(out):
+            self.lost.setdefault(a, eqn)
     if zero.contract is not None:
       self._contraction(eqn, zero.contract)
 

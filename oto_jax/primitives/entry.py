@@ -42,12 +42,15 @@ class Zero(NamedTuple):
     literal_ok: for ``'all'``: which literal values keep a zero (default ``x == 0``).
     contract: for contractions, pairs ``(lhs_axes, rhs_axes)`` of the two operands' contracted
       axes (operands 0 and 1): the proof requires one side to be zero on each contracted channel.
+    results: positions of the results the rule speaks for (default: all); the others are
+      never zero (``top_k``: its values keep a zero row's zeros, its indices do not).
   """
 
   kind: str
   operands: Sequence[int] | None = None
   literal_ok: Callable[[Any], bool] | None = None
   contract: tuple[Sequence[int], Sequence[int]] | None = None
+  results: Sequence[int] | None = None
 
 
 KEEP, NONE = Zero('keep'), Zero('none')

@@ -97,10 +97,12 @@ ENTRIES: dict[str, PrimitiveEntry] = {
   # A channel's sorted slice is a permutation of its own slice, which is zero when every
   # operand is zero on it.
   'sort': PrimitiveEntry(_along_one_axis(lambda eqn: eqn.params['dimension']), KEEP, cost=per_input),
-  # The indices of a zero row are not zero.
-  'top_k': PrimitiveEntry(_along_one_axis(lambda eqn: eqn.params.get('axis', -1)), NONE, cost=per_input),
+  # The largest values of a zero row are zeros; their indices are not.
+  'top_k': PrimitiveEntry(
+    _along_one_axis(lambda eqn: eqn.params.get('axis', -1)), Zero('keep', results=(0,)), cost=per_input
+  ),
   'approx_top_k': PrimitiveEntry(
-    _along_one_axis(lambda eqn: eqn.params['reduction_dimension']), NONE, cost=per_input
+    _along_one_axis(lambda eqn: eqn.params['reduction_dimension']), Zero('keep', results=(0,)), cost=per_input
   ),
   'argmax': _REDUCE.replace(zero=NONE),
   'argmin': _REDUCE.replace(zero=NONE),
