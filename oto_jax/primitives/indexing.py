@@ -72,12 +72,12 @@ def _scatter_structure(ctx, eqn):
   dn = eqn.params['dimension_numbers']
   operand, updates, out = eqn.ins[0], eqn.ins[2], eqn.outs[0]
   oshape = ctx.shape(operand)
-  batching = set(getattr(dn, 'operand_batching_dims', ()) or ())
-  indexed = set(dn.inserted_window_dims) | set(dn.scatter_dims_to_operand_dims) | batching
+  batching = tuple(getattr(dn, 'operand_batching_dims', ()) or ())
+  indexed = set(dn.inserted_window_dims) | set(dn.scatter_dims_to_operand_dims)
   window_src = [d for d in range(len(oshape)) if d not in dn.inserted_window_dims and d not in batching]
   for d in range(len(oshape)):
     ctx.unite(operand, d, out, d)
-  for d in indexed:
+  for d in indexed - set(batching):
     ctx.block_axis(operand, d, f'indexed by `{eqn.name}`', eqn)
   ushape = ctx.shape(updates)
   for d, ud in zip(window_src, dn.update_window_dims):
@@ -86,6 +86,18 @@ def _scatter_structure(ctx, eqn):
     else:
       ctx.block_axis(operand, d, f'partly updated by `{eqn.name}`', eqn)
       ctx.block_axis(updates, ud, f'partly updated by `{eqn.name}`', eqn)
+  # A batching axis (a vmapped scatter) updates slice b of the operand from slice b of the
+  # updates only; the updates' scatter axes follow the indices' axes (index vector last).
+  scatter_dims = [d for d in range(len(ushape)) if d not in dn.update_window_dims]
+  indices, ishape = eqn.ins[1], ctx.shape(eqn.ins[1])
+  for idim, ud in zip(range(len(ishape) - 1), scatter_dims):
+    if ishape[idim] == ushape[ud]:
+      ctx.unite(indices, idim, updates, ud)
+  for d, idim in zip(batching, getattr(dn, 'scatter_indices_batching_dims', ()) or ()):
+    if d in indexed or idim >= len(scatter_dims):
+      ctx.block_axis(operand, d, f'indexed by `{eqn.name}`', eqn)
+    else:
+      ctx.unite(operand, d, updates, scatter_dims[idim])
 
 
 def _per_update(ctx, eqn):
