@@ -300,8 +300,8 @@ class Program:
     var_tree: the variables' structure; ``out_tree`` the outputs'.
     module: the linen module whose ``apply`` was analysed, if it was one (for
       :attr:`Subnet.module`).
-    shared_constants: values computed only from constants (no variable, no input) that two
-      or more equations read (see :mod:`oto_jax.sharing`).
+    shared_constants: tables (fixed shapes) computed only from constants (no variable, no
+      input) that two or more equations read (see :mod:`oto_jax.sharing`).
   """
 
   steps: tuple

@@ -39,8 +39,9 @@ FORK = PrimitiveEntry(_no_structure, NONE, cost=free)
 def fork_shared_constants(program: Program) -> Program:
   """``program`` with a coupling-free ``copy`` before each read of a shared constant value.
 
-  A value is forked when it depends on no variable and no model input, has an axis of fixed
-  length above one, and is read by two or more equations.
+  A value is forked when it depends on no variable and no model input, is a table (no axis
+  follows a dimension variable such as the batch; one that does is per-example data), has an
+  axis longer than one, and is read by two or more equations.
 
   Args:
     program: the traced program.
@@ -61,6 +62,7 @@ def fork_shared_constants(program: Program) -> Program:
     return len(shapes) - 1
 
   def rewrite(steps: tuple) -> tuple:
+    """The steps with the copies in; the same tuple when none of them reads a shared value."""
     out = []
     for s in steps:
       if isinstance(s, Eqn):
@@ -74,13 +76,17 @@ def fork_shared_constants(program: Program) -> Program:
             ins.append(x)
           s = dataclasses.replace(s, ins=tuple(ins))
       elif isinstance(s, Call):
-        s = dataclasses.replace(s, body=rewrite(s.body))
+        body = rewrite(s.body)
+        s = s if body is s.body else dataclasses.replace(s, body=body)
       elif isinstance(s, Loop):
-        s = dataclasses.replace(s, body=rewrite(s.body), cond=rewrite(s.cond))
+        body, cond = rewrite(s.body), rewrite(s.cond)
+        s = s if body is s.body and cond is s.cond else dataclasses.replace(s, body=body, cond=cond)
       else:
-        s = dataclasses.replace(s, branches=tuple(Branch(rewrite(b.steps), b.outs) for b in s.branches))
+        branches = tuple(Branch(rewrite(b.steps), b.outs) for b in s.branches)
+        if any(n.steps is not b.steps for n, b in zip(branches, s.branches)):
+          s = dataclasses.replace(s, branches=branches)
       out.append(s)
-    return tuple(out)
+    return tuple(out) if len(out) != len(steps) or any(a is not b for a, b in zip(out, steps)) else steps
 
   steps = rewrite(program.steps)
   values = Values(tuple(shapes), tuple(syms), tuple(dtypes))

@@ -201,7 +201,7 @@ def trace(
   shared = frozenset(
     v
     for v, n in builder.constant_reads.items()
-    if n > 1 and any(isinstance(d, int) and d > 1 for d in values.sym(v))
+    if n > 1 and all(isinstance(d, int) for d in values.sym(v)) and any(d > 1 for d in values.sym(v))
   )
 
   sym_it = iter(v.aval.shape for v in jaxpr.invars[len(var_paths) :])
