@@ -368,7 +368,9 @@ class Builder:
     self.constant_reads: Counter = Counter()
 
   def value(self, aval: Any) -> int:
-    shape = tuple(getattr(aval, 'shape', ()))
+    shape = getattr(aval, 'shape', ())
+    if type(shape) is not tuple:
+      shape = tuple(shape)
     hit = self._concrete.get(shape)
     if hit is None:
       if all(isinstance(d, int) for d in shape):
@@ -395,14 +397,16 @@ class Builder:
     for v, x in zip(jaxpr.invars, ins):
       env[v] = x
     steps: list = []
+    jax_literal, lookup, value = jex.core.Literal, self.lookup, self.value
+    dynamic_values, constant_reads = self.dynamic, self.constant_reads
 
     def read(x):
-      return Literal(x.val) if isinstance(x, jex.core.Literal) else env[x]
+      return Literal(x.val) if isinstance(x, jax_literal) else env[x]
 
     for eqn in jaxpr.eqns:
-      args = [read(x) for x in eqn.invars]
+      args = [Literal(x.val) if isinstance(x, jax_literal) else env[x] for x in eqn.invars]
       name = eqn.primitive.name
-      entry = self.lookup(name)
+      entry = lookup(name)
       if name == 'scan':
         outs = self._scan(eqn, args, steps, sites)
       elif name == 'while':
@@ -423,19 +427,20 @@ class Builder:
         # new dtype.
         outs = [Literal(np.asarray(args[0].val, dtype=eqn.outvars[0].aval.dtype))]
       else:
-        outs = [self.value(v.aval) for v in eqn.outvars]
+        outs = [value(v.aval) for v in eqn.outvars]
         dynamic = False
         for a in args:
           if type(a) is int:
-            if a in self.dynamic:
+            if a in dynamic_values:
               dynamic = True
             else:
-              self.constant_reads[a] += 1
+              constant_reads[a] += 1
         if dynamic:
-          self.dynamic.update(outs)
+          dynamic_values.update(outs)
         step = Eqn(eqn.primitive, eqn.params, tuple(args), tuple(outs), entry, None, eqn.source_info, sites)
         if entry is not None:
-          step.zero = entry.zero(step) if callable(entry.zero) else entry.zero
+          zero = entry.zero
+          step.zero = zero(step) if callable(zero) else zero
         steps.append(step)
       for v, o in zip(eqn.outvars, outs):
         env[v] = o
