@@ -122,7 +122,7 @@ def zig_partition(
     polymorphic_shapes=polymorphic_shapes,
     polymorphic_constraints=polymorphic_constraints,
   )
-  prog = sharing.fork_shared_constants(traced.program)
+  prog = sharing.fork_shared_tables(traced.program)
   ctx = StructureContext(prog.values, prog.signature.env, watch=prog.variables)
   structure.run(ctx, prog.steps)
 

@@ -300,8 +300,9 @@ class Program:
     var_tree: the variables' structure; ``out_tree`` the outputs'.
     module: the linen module whose ``apply`` was analysed, if it was one (for
       :attr:`Subnet.module`).
-    shared_constants: tables (fixed shapes) computed only from constants (no variable, no
-      input) that two or more equations read (see :mod:`oto_jax.sharing`).
+    shared_tables: values of fixed shape that do not depend on the model's inputs (computed
+      from constants and variables) and that two or more equations read (see
+      :mod:`oto_jax.sharing`).
   """
 
   steps: tuple
@@ -314,7 +315,7 @@ class Program:
   var_tree: Any
   out_tree: Any
   module: Any = None
-  shared_constants: frozenset = frozenset()
+  shared_tables: frozenset = frozenset()
 
   @property
   def variables(self) -> tuple[int, ...]:
@@ -362,8 +363,8 @@ class Builder:
     self.dtypes: list[Any] = []
     self.consts: dict[int, Any] = {}
     self._concrete: dict[tuple, tuple[int, ...]] = {}
-    # Values that may depend on an input or a variable (the caller seeds it with the invars),
-    # and how many equations read each of the others: constants read twice are shared.
+    # Values that may depend on what the caller seeds it with (the model's inputs), and how
+    # many equations read each of the others: such a table read twice is shared.
     self.dynamic: set[int] = set()
     self.constant_reads: Counter = Counter()
 

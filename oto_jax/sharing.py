@@ -1,20 +1,21 @@
-"""Shared constants: one copy per consumer, so a value computed once does not couple its readers.
+"""Shared tables: one copy per reader, so a value computed once does not couple its readers.
 
-A value computed only from constants (an ALiBi bias from its slopes and the token distances,
-a sinusoidal position table) and read by several layers would unite the channel axes of all
-of them: head ``h`` of every layer would be one ZIG, though pruning head ``h`` of one layer
-alone is exact. Before the structure pass, each such read gets its own ``copy`` equation whose
-entry couples nothing, so every layer's heads are their own node group.
+A table computed once and read by several layers — an ALiBi bias from its slopes and the
+token distances, T5's relative-position bias gathered from its trainable table, a position
+table — would unite the channel axes of all its readers: head ``h`` of every layer would be
+one ZIG, though pruning head ``h`` of one layer alone is exact. Before the structure pass,
+each read of such a table gets its own ``copy`` equation whose entry couples nothing, so every
+layer's heads are their own node group.
 
-The shared value itself is never pruned (no member produces it): the slim program computes it
-once at full width, and each copy keeps the positions its consumer keeps (the evaluator's
-``take`` of a result whose operands are whole). Keeping the union instead would leave every
-layer with the widest layer's heads; one slice per consumer costs a gather of a constant, which
-XLA folds.
+The table itself is kept whole: its axes are blocked (for T5, the trainable table is then a
+dependent of no ZIG and stays at full width), the slim program computes it once, and each copy
+keeps the positions its reader keeps (the evaluator's ``take`` of a result whose operands are
+whole). Keeping the union of the readers' positions instead would leave every layer with the
+widest layer's heads; one slice per reader costs a gather of a small table.
 
-Values that depend on a variable or a model input are left alone: a trainable table shared by
-the layers (T5's relative-position bias) is a member of their heads' ZIGs and still couples
-them.
+A table is a value of fixed shape (no axis follows a dimension variable such as the batch)
+that does not depend on the model's inputs and is not itself a variable: activations and
+weights shared between layers are left alone.
 """
 
 from __future__ import annotations
@@ -27,21 +28,19 @@ from oto_jax.ir import Branch, Call, Eqn, Loop, Program, Values
 from oto_jax.primitives.entry import NONE, PrimitiveEntry, free
 
 
-def _no_structure(ctx, eqn) -> None:
-  """The copy's axes are its own: the consumer's channels are not the shared value's."""
+def _keep_whole(ctx, eqn) -> None:
+  """The copy's axes are its own (the reader's channels are not the table's); the table's are
+  blocked, so that nothing slices it before the copies do."""
+  ctx.block_all([eqn.ins[0]], 'a table read by several equations: kept whole, sliced for each', eqn)
 
 
-# A copy that couples nothing, never holds a zero (no member produces the value) and costs no
-# FLOPs; the slim program binds `copy` at full width and keeps its consumer's positions.
-FORK = PrimitiveEntry(_no_structure, NONE, cost=free)
+# A copy that couples nothing, is never zero (the table is kept whole) and costs no FLOPs; the
+# slim program binds `copy` at full width and keeps its reader's positions.
+FORK = PrimitiveEntry(_keep_whole, NONE, cost=free)
 
 
-def fork_shared_constants(program: Program) -> Program:
-  """``program`` with a coupling-free ``copy`` before each read of a shared constant value.
-
-  A value is forked when it depends on no variable and no model input, is a table (no axis
-  follows a dimension variable such as the batch; one that does is per-example data), has an
-  axis longer than one, and is read by two or more equations.
+def fork_shared_tables(program: Program) -> Program:
+  """``program`` with a coupling-free ``copy`` before each read of a shared table.
 
   Args:
     program: the traced program.
@@ -49,7 +48,7 @@ def fork_shared_constants(program: Program) -> Program:
   Returns:
     The same program, or a new one with the copies (their values appended to the table).
   """
-  shared = program.shared_constants
+  shared = program.shared_tables
   if not shared:
     return program
   vals = program.values
@@ -90,5 +89,5 @@ def fork_shared_constants(program: Program) -> Program:
 
   steps = rewrite(program.steps)
   values = Values(tuple(shapes), tuple(syms), tuple(dtypes))
-  # The copies are the program's shared constants' readers now: forking again changes nothing.
-  return dataclasses.replace(program, steps=steps, values=values, shared_constants=frozenset())
+  # The copies are the tables' readers now: forking again changes nothing.
+  return dataclasses.replace(program, steps=steps, values=values, shared_tables=frozenset())

@@ -195,13 +195,19 @@ def trace(
   builder = Builder(lookup, env)
   jaxpr = closed.jaxpr
   invals = [builder.value(v.aval) for v in jaxpr.invars]
-  builder.dynamic.update(invals)
+  # Tables are what does not depend on the model's inputs: constants, and values computed from
+  # the variables (not the variables themselves).
+  builder.dynamic.update(invals[len(var_paths) :])
   steps, outs = builder.walk(jaxpr, list(closed.consts), list(invals))
   values = builder.values()
+  var_ids = set(invals[: len(var_paths)])
   shared = frozenset(
     v
     for v, n in builder.constant_reads.items()
-    if n > 1 and all(isinstance(d, int) for d in values.sym(v)) and any(d > 1 for d in values.sym(v))
+    if n > 1
+    and v not in var_ids
+    and all(isinstance(d, int) for d in values.sym(v))
+    and any(d > 1 for d in values.sym(v))
   )
 
   sym_it = iter(v.aval.shape for v in jaxpr.invars[len(var_paths) :])
@@ -224,7 +230,7 @@ def trace(
     var_tree=jax.tree_util.tree_structure(variables),
     out_tree=jax.tree_util.tree_structure(out_shape),
     module=_module_of(apply_fn),
-    shared_constants=shared,
+    shared_tables=shared,
   )
   return Traced(
     program=program,

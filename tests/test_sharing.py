@@ -1,5 +1,6 @@
-"""Shared constants do not couple their readers: an ALiBi bias added in every layer, a sinusoidal
-position table read twice. Counts are derived by hand: each layer's 4 heads are one node group."""
+"""Shared tables do not couple their readers: an ALiBi bias added in every layer, T5's bias
+gathered once from a trainable table. Counts are derived by hand: each layer's 4 heads are one
+node group."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import oto_jax
 from oto_jax import sharing
@@ -77,15 +77,49 @@ def test_pruning_one_layers_head_alone_is_exact():
     chex.assert_trees_all_close(subnet.apply(subnet.variables, xb), alibi_attention(zeroed, xb), atol=1e-5)
 
 
-@pytest.mark.parametrize('depends_on', ['variable', 'input'])
-def test_values_that_depend_on_variables_or_inputs_are_not_copied(depends_on):
-  """A table computed from a variable or from the input is left alone: only constants are
-  copied per reader."""
+def t5_attention(params, x):
+  """T5-style: one trainable bias table (buckets × heads), gathered once by relative position
+  and added in every layer."""
+  b, s, d = x.shape
+  hd = d // HEADS
+  rel = jnp.clip(jnp.arange(s)[None, :] - jnp.arange(s)[:, None], -3, 3) + 3  # 7 buckets
+  bias = jnp.transpose(params['table'][rel], (2, 0, 1))
+  for layer in range(LAYERS):
+    q, k, v = ((x @ params[f'{n}{layer}']).reshape(b, s, HEADS, hd) for n in 'qkv')
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(hd) + bias
+    out = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(scores, axis=-1), v).reshape(b, s, d)
+    x = x + out @ params[f'o{layer}']
+  return x
+
+
+def test_trainable_shared_bias_is_kept_whole_and_heads_stay_per_layer():
+  """T5: the bias gathered from a trainable table is shared by both layers. Each layer's heads
+  are their own 4 ZIGs; the table is kept whole (a dependent of no ZIG, blocked with the
+  reason), and pruning one layer's heads alone is exact."""
+  params = {**_params(), 'table': jnp.asarray(np.random.default_rng(5).normal(size=(7, HEADS)), jnp.float32)}
+  part = oto_jax.zig_partition(t5_attention, params, _x(2))
+  assert part.num_zigs == HEADS * LAYERS, part.summary()
+  table = [g for g in part.node_groups if any(e.path == ('table',) for e in (*g.members, *g.dependents))]
+  assert table and not any(g.prunable for g in table)
+  assert any('kept whole' in g.reason for g in table), [g.reason for g in table]
+  zeroed = randomize_dependents(part, zero_members(part, params, [0, 1]), [0, 1], seed=4)
+  subnet = oto_jax.construct_subnet(part, zeroed)
+  assert subnet.variables['table'].shape == (7, HEADS)
+  assert subnet.variables['q0'].shape == (WIDTH, WIDTH // 2)
+  assert subnet.variables['q1'].shape == (WIDTH, WIDTH)
+  for batch in (2, 3):
+    xb = _x(batch, seed=batch)
+    chex.assert_trees_all_close(subnet.apply(subnet.variables, xb), t5_attention(zeroed, xb), atol=1e-5)
+
+
+def test_input_dependent_values_and_variables_are_not_copied():
+  """Per-example values (they follow the input) and variables read twice (shared weights) are
+  left alone: only tables computed once are copied per reader."""
 
   def f(params, x):
-    table = params['t'] * 2.0 if depends_on == 'variable' else x[0] * 2.0
+    table = x[0] * 2.0  # from the input
     return (x + table) @ params['w'] + (x * table) @ params['w']
 
-  params = {'t': jnp.ones((3, 5)), 'w': jnp.ones((5, 2))}
+  params = {'w': jnp.ones((5, 2))}
   part = oto_jax.zig_partition(f, params, jnp.ones((3, 5)))
   assert not any(isinstance(s, Eqn) and s.entry is sharing.FORK for s in part.program.steps)
