@@ -257,29 +257,6 @@ def _block_gather(params, x, heads=4, keep=2):
   return picked.reshape(b, heads * keep) @ params['w2']
 
 
-def test_vmapped_gather_keeps_its_batched_heads():
-  """A gather batched over the heads (operand_batching_dims) reads head h only from head h:
-  the 4 heads are ZIGs (the gathered feature axis is indexed, so blocked), and the slim model
-  without two heads is exact."""
-  rng = np.random.default_rng(0)
-  params = {
-    'w1': jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
-    'w2': jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
-  }
-  x = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
-  part = oto_jax.zig_partition(_block_gather, params, x)
-  assert 'gather' in _kinds(part.program.steps)
-  assert part.num_zigs == 4 and [g.size for g in part.prunable_groups] == [4], part.summary()
-  zeroed = randomize_dependents(part, zero_members(part, params, [0, 2]), [0, 2], seed=1)
-  subnet = oto_jax.construct_subnet(part, zeroed)
-  assert subnet.variables['w1'].shape == (8, 8) and subnet.variables['w2'].shape == (4, 3)
-  for batch in (2, 5):
-    xb = jnp.asarray(rng.normal(size=(batch, 8)), jnp.float32)
-    chex.assert_trees_all_close(
-      subnet.apply(subnet.variables, xb), _block_gather(zeroed, xb), rtol=1e-5, atol=1e-5
-    )
-
-
 def _block_scatter(params, x, heads=4):
   # Each head adds its own update into its own feature positions: a scatter-add vmapped over
   # the heads (operand_batching_dims).
@@ -290,23 +267,27 @@ def _block_scatter(params, x, heads=4):
   return out.reshape(x.shape[0], -1) @ params['w2']
 
 
-def test_vmapped_scatter_keeps_its_batched_heads():
-  """A scatter-add batched over the heads writes head h only from head h: the 4 heads stay
-  ZIGs, and the slim model without two heads is exact."""
+@pytest.mark.parametrize(
+  'model, primitive, width',
+  [(_block_gather, 'gather', 8), (_block_scatter, 'scatter-add', 16)],
+  ids=['gather', 'scatter'],
+)
+def test_vmapped_indexing_keeps_its_batched_heads(model, primitive, width):
+  """A gather or scatter-add batched over the heads (operand_batching_dims) touches head h only
+  from head h: the 4 heads are ZIGs (the indexed feature axis is blocked), and the slim model
+  without two heads is exact at two batch sizes."""
   rng = np.random.default_rng(0)
   params = {
     'w1': jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
-    'w2': jnp.asarray(rng.normal(size=(16, 3)), jnp.float32),
+    'w2': jnp.asarray(rng.normal(size=(width, 3)), jnp.float32),
   }
   x = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
-  part = oto_jax.zig_partition(_block_scatter, params, x)
-  assert 'scatter-add' in _kinds(part.program.steps)
+  part = oto_jax.zig_partition(model, params, x)
+  assert primitive in _kinds(part.program.steps)
   assert part.num_zigs == 4 and [g.size for g in part.prunable_groups] == [4], part.summary()
   zeroed = randomize_dependents(part, zero_members(part, params, [1, 2]), [1, 2], seed=1)
   subnet = oto_jax.construct_subnet(part, zeroed)
-  assert subnet.variables['w1'].shape == (8, 8)
+  assert subnet.variables['w1'].shape == (8, 8) and subnet.variables['w2'].shape == (width // 2, 3)
   for batch in (2, 5):
     xb = jnp.asarray(rng.normal(size=(batch, 8)), jnp.float32)
-    chex.assert_trees_all_close(
-      subnet.apply(subnet.variables, xb), _block_scatter(zeroed, xb), rtol=1e-5, atol=1e-5
-    )
+    chex.assert_trees_all_close(subnet.apply(subnet.variables, xb), model(zeroed, xb), rtol=1e-5, atol=1e-5)

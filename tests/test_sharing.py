@@ -24,16 +24,20 @@ def alibi_bias(heads: int, length: int) -> jax.Array:
   return slopes[:, None, None] * -jnp.abs(pos[None, :, None] - pos[None, None, :])
 
 
-def alibi_attention(params, x):
+def _layers(params, x, bias):
+  """LAYERS residual attention layers that all add the same ``bias`` (heads × length × length)."""
   b, s, d = x.shape
   hd = d // HEADS
-  bias = alibi_bias(HEADS, s)  # computed once, added in every layer
   for layer in range(LAYERS):
     q, k, v = ((x @ params[f'{n}{layer}']).reshape(b, s, HEADS, hd) for n in 'qkv')
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(hd) + bias
     out = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(scores, axis=-1), v).reshape(b, s, d)
     x = x + out @ params[f'o{layer}']
   return x
+
+
+def alibi_attention(params, x):
+  return _layers(params, x, alibi_bias(HEADS, x.shape[1]))  # computed once, added in every layer
 
 
 def _params(seed: int = 0):
@@ -80,16 +84,9 @@ def test_pruning_one_layers_head_alone_is_exact():
 def t5_attention(params, x):
   """T5-style: one trainable bias table (buckets × heads), gathered once by relative position
   and added in every layer."""
-  b, s, d = x.shape
-  hd = d // HEADS
+  s = x.shape[1]
   rel = jnp.clip(jnp.arange(s)[None, :] - jnp.arange(s)[:, None], -3, 3) + 3  # 7 buckets
-  bias = jnp.transpose(params['table'][rel], (2, 0, 1))
-  for layer in range(LAYERS):
-    q, k, v = ((x @ params[f'{n}{layer}']).reshape(b, s, HEADS, hd) for n in 'qkv')
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(hd) + bias
-    out = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(scores, axis=-1), v).reshape(b, s, d)
-    x = x + out @ params[f'o{layer}']
-  return x
+  return _layers(params, x, jnp.transpose(params['table'][rel], (2, 0, 1)))
 
 
 def test_trainable_shared_bias_is_kept_whole_and_heads_stay_per_layer():
