@@ -351,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--json', type=Path, help='also write the results to this file')
   parser.add_argument('--timeout', type=float, default=900.0, help='seconds per measurement process')
   parser.add_argument(
-    '--repeat', type=int, default=15, help='warm rounds (make_jaxpr, then zig_partition); times are medians'
+    '--repeat',
+    type=int,
+    default=15,
+    help='warm rounds (make_jaxpr and zig_partition, in alternating order); times are medians',
   )
   parser.add_argument(
     '--fresh',

@@ -365,8 +365,8 @@ class Builder:
     self._concrete: dict[tuple, tuple[int, ...]] = {}
     # Values that may depend on what the caller seeds it with (the model's inputs), and how
     # many equations read each of the others: such a table read twice is shared.
-    self.dynamic: set[int] = set()
-    self.constant_reads: Counter = Counter()
+    self.from_inputs: set[int] = set()
+    self.table_reads: Counter = Counter()
 
   def value(self, aval: Any) -> int:
     shape = getattr(aval, 'shape', ())
@@ -399,13 +399,13 @@ class Builder:
       env[v] = x
     steps: list = []
     jax_literal, lookup, value = jex.core.Literal, self.lookup, self.value
-    dynamic_values, constant_reads = self.dynamic, self.constant_reads
+    from_inputs, table_reads = self.from_inputs, self.table_reads
 
     def read(x):
       return Literal(x.val) if isinstance(x, jax_literal) else env[x]
 
     for eqn in jaxpr.eqns:
-      args = [Literal(x.val) if isinstance(x, jax_literal) else env[x] for x in eqn.invars]
+      args = [read(x) for x in eqn.invars]
       name = eqn.primitive.name
       entry = lookup(name)
       if name == 'scan':
@@ -429,15 +429,15 @@ class Builder:
         outs = [Literal(np.asarray(args[0].val, dtype=eqn.outvars[0].aval.dtype))]
       else:
         outs = [value(v.aval) for v in eqn.outvars]
-        dynamic = False
+        tainted = False
         for a in args:
           if type(a) is int:
-            if a in dynamic_values:
-              dynamic = True
+            if a in from_inputs:
+              tainted = True
             else:
-              constant_reads[a] += 1
-        if dynamic:
-          dynamic_values.update(outs)
+              table_reads[a] += 1
+        if tainted:
+          from_inputs.update(outs)
         step = Eqn(eqn.primitive, eqn.params, tuple(args), tuple(outs), entry, None, eqn.source_info, sites)
         if entry is not None:
           zero = entry.zero
@@ -506,10 +506,10 @@ class Builder:
     return outs
 
   def _taint(self, args: list, defined: list) -> None:
-    # A loop or branch that reads nothing dynamic computes nothing dynamic; one that does may
-    # make anything it defines so.
-    if any(type(a) is int and a in self.dynamic for a in args):
-      self.dynamic.update(defined)
+    # A loop or branch that reads nothing from the inputs computes nothing from them; one that
+    # does may make anything it defines depend on them.
+    if any(type(a) is int and a in self.from_inputs for a in args):
+      self.from_inputs.update(defined)
 
 
 def shape_of(values: Values, x: Ref) -> tuple[int, ...]:

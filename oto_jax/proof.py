@@ -116,9 +116,9 @@ class Proof:
           zmap[out] = zs
         for a in (had & at) - zs:
           self.lost.setdefault(a, eqn)
-    elif had:
+    else:
       outs = ()
-    if had and len(outs) < len(eqn.outs):  # results the rule does not speak for lose the zeros
+    if had:  # the results the rule does not speak for lose every zero
       for out in eqn.outs:
         if out not in outs:
           for a in had & self.atoms(out):

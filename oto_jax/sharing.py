@@ -64,6 +64,7 @@ def fork_shared_tables(program: Program) -> Program:
     """The steps with the copies in; the same tuple when none of them reads a shared value."""
     out = []
     for s in steps:
+      new = s
       if isinstance(s, Eqn):
         if any(type(x) is int and x in shared for x in s.ins):
           ins = []
@@ -73,19 +74,21 @@ def fork_shared_tables(program: Program) -> Program:
               out.append(Eqn(jex.core.primitives.copy_p, {}, (x,), (c,), FORK, NONE, s.source, s.sites))
               x = c
             ins.append(x)
-          s = dataclasses.replace(s, ins=tuple(ins))
+          new = dataclasses.replace(s, ins=tuple(ins))
       elif isinstance(s, Call):
         body = rewrite(s.body)
-        s = s if body is s.body else dataclasses.replace(s, body=body)
+        if body is not s.body:
+          new = dataclasses.replace(s, body=body)
       elif isinstance(s, Loop):
         body, cond = rewrite(s.body), rewrite(s.cond)
-        s = s if body is s.body and cond is s.cond else dataclasses.replace(s, body=body, cond=cond)
+        if body is not s.body or cond is not s.cond:
+          new = dataclasses.replace(s, body=body, cond=cond)
       else:
         branches = tuple(Branch(rewrite(b.steps), b.outs) for b in s.branches)
         if any(n.steps is not b.steps for n, b in zip(branches, s.branches)):
-          s = dataclasses.replace(s, branches=branches)
-      out.append(s)
-    return tuple(out) if len(out) != len(steps) or any(a is not b for a, b in zip(out, steps)) else steps
+          new = dataclasses.replace(s, branches=branches)
+      out.append(new)
+    return tuple(out) if len(out) != len(steps) or any(n is not s for n, s in zip(out, steps)) else steps
 
   steps = rewrite(program.steps)
   values = Values(tuple(shapes), tuple(syms), tuple(dtypes))

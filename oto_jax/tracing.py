@@ -197,13 +197,13 @@ def trace(
   invals = [builder.value(v.aval) for v in jaxpr.invars]
   # Tables are what does not depend on the model's inputs: constants, and values computed from
   # the variables (not the variables themselves).
-  builder.dynamic.update(invals[len(var_paths) :])
+  builder.from_inputs.update(invals[len(var_paths) :])
   steps, outs = builder.walk(jaxpr, list(closed.consts), list(invals))
   values = builder.values()
   var_ids = set(invals[: len(var_paths)])
   shared = frozenset(
     v
-    for v, n in builder.constant_reads.items()
+    for v, n in builder.table_reads.items()
     if n > 1
     and v not in var_ids
     and all(isinstance(d, int) for d in values.sym(v))

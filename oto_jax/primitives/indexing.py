@@ -22,19 +22,25 @@ def _gather_structure(ctx, eqn):
       ctx.block_axis(out, od, 'sliced by `gather`', eqn)
   for d in indexed - set(batching):
     ctx.block_axis(operand, d, 'indexed by `gather`', eqn)
-  # The result's batch axes follow the indices' axes (the index vector is their last).
   batch_out = [d for d in range(len(ctx.shape(out))) if d not in dn.offset_dims]
-  ishape = ctx.shape(indices)
-  for od, idim in zip(batch_out, range(len(ishape) - 1)):
-    if ishape[idim] == ctx.shape(out)[od]:
-      ctx.unite(indices, idim, out, od)
-  # A batching axis (a vmapped gather) is gathered from slice by slice: slice b of the operand
-  # feeds only slice b of the result, as in an element-wise op.
-  for d, idim in zip(batching, getattr(dn, 'start_indices_batching_dims', ()) or ()):
-    if d in indexed or idim >= len(batch_out):
-      ctx.block_axis(operand, d, 'indexed by `gather`', eqn)
+  index_batching = getattr(dn, 'start_indices_batching_dims', ()) or ()
+  _follow_indices(ctx, eqn, indices, out, batch_out, batching, index_batching, indexed)
+
+
+def _follow_indices(ctx, eqn, indices, target, target_dims, batching, index_batching, indexed):
+  """What a gather's result and a scatter's updates share: their ``target_dims`` follow the
+  indices' axes (the index vector is the indices' last), and an operand batching axis (a
+  vmapped gather or scatter) is indexed slice by slice — slice b of the operand meets only
+  slice b of the target, as in an element-wise op."""
+  operand, ishape, tshape = eqn.ins[0], ctx.shape(indices), ctx.shape(target)
+  for idim, td in zip(range(len(ishape) - 1), target_dims):
+    if ishape[idim] == tshape[td]:
+      ctx.unite(indices, idim, target, td)
+  for d, idim in zip(batching, index_batching):
+    if d in indexed or idim >= len(target_dims):
+      ctx.block_axis(operand, d, f'indexed by `{eqn.name}`', eqn)
     else:
-      ctx.unite(operand, d, out, batch_out[idim])
+      ctx.unite(operand, d, target, target_dims[idim])
 
 
 def _slice_sizes_rewrite(ctx, eqn):
@@ -66,9 +72,9 @@ def _dynamic_update_slice_structure(ctx, eqn):
 
 
 def _scatter_structure(ctx, eqn):
-  # The result has the operand's positions; operand axes that the indices address (inserted,
-  # mapped or batching) are blocked, and each whole-width window axis of the updates carries
-  # the channels of its operand axis.
+  # The result has the operand's positions; operand axes that the indices address (inserted or
+  # mapped) are blocked, and each whole-width window axis of the updates carries the channels
+  # of its operand axis.
   dn = eqn.params['dimension_numbers']
   operand, updates, out = eqn.ins[0], eqn.ins[2], eqn.outs[0]
   oshape = ctx.shape(operand)
@@ -86,18 +92,9 @@ def _scatter_structure(ctx, eqn):
     else:
       ctx.block_axis(operand, d, f'partly updated by `{eqn.name}`', eqn)
       ctx.block_axis(updates, ud, f'partly updated by `{eqn.name}`', eqn)
-  # A batching axis (a vmapped scatter) updates slice b of the operand from slice b of the
-  # updates only; the updates' scatter axes follow the indices' axes (index vector last).
   scatter_dims = [d for d in range(len(ushape)) if d not in dn.update_window_dims]
-  indices, ishape = eqn.ins[1], ctx.shape(eqn.ins[1])
-  for idim, ud in zip(range(len(ishape) - 1), scatter_dims):
-    if ishape[idim] == ushape[ud]:
-      ctx.unite(indices, idim, updates, ud)
-  for d, idim in zip(batching, getattr(dn, 'scatter_indices_batching_dims', ()) or ()):
-    if d in indexed or idim >= len(scatter_dims):
-      ctx.block_axis(operand, d, f'indexed by `{eqn.name}`', eqn)
-    else:
-      ctx.unite(operand, d, updates, scatter_dims[idim])
+  index_batching = getattr(dn, 'scatter_indices_batching_dims', ()) or ()
+  _follow_indices(ctx, eqn, eqn.ins[1], updates, scatter_dims, batching, index_batching, indexed)
 
 
 def _per_update(ctx, eqn):

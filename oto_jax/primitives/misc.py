@@ -31,6 +31,8 @@ def _dim_as_value_bind(ctx, eqn, ins, params):
   return [eqn.primitive.bind(**params)]
 
 
+# Results that are fresh axes: nothing coupled, nothing zero, no FLOPs.
+_FRESH = PrimitiveEntry(_nothing, NONE, cost=free)
 _LINALG = (
   'cholesky cholesky_update eig eigh lu lu_pivots_to_permutation qr svd schur hessenberg '
   'householder_product geqrf geqp3 ormqr triangular_solve tridiagonal tridiagonal_solve '
@@ -45,19 +47,17 @@ ENTRIES: dict[str, PrimitiveEntry] = {
   **{
     name: elementwise(NONE, cost=free) for name in 'random_bits random_wrap random_unwrap random_seed'.split()
   },
+  # Random generators; tokens (they order effects and carry no data); dce_sink (it only keeps
+  # its operands alive); empty2 (an uninitialised array); the *_to comparisons of dimension
+  # sizes.
   **{
-    name: PrimitiveEntry(_nothing, NONE, cost=free)
+    name: _FRESH
     for name in (
-      'random_fold_in random_split random_clone random_gamma threefry2x32 rng_bit_generator rng_uniform'
+      'random_fold_in random_split random_clone random_gamma threefry2x32 rng_bit_generator rng_uniform '
+      'create_token after_all dce_sink empty2 eq_to le_to lt_to'
     ).split()
   },
-  'dim_as_value': PrimitiveEntry(_nothing, NONE, cost=free, bind=_dim_as_value_bind),
-  # Tokens order effects and carry no data; dce_sink only keeps its operands alive; empty2
-  # makes an uninitialised array; the *_to comparisons relate dimension sizes.
-  **{
-    name: PrimitiveEntry(_nothing, NONE, cost=free)
-    for name in 'create_token after_all dce_sink empty2 eq_to le_to lt_to'.split()
-  },
+  'dim_as_value': _FRESH.replace(bind=_dim_as_value_bind),
   'custom_lin': blocked('an internal of differentiation (linearize), not of a forward pass'),
   'custom_linear_solve': blocked('a custom linear solve, whose sub-programs are not analysed'),
   **{name: blocked('a mutable reference (state primitives are not analysed)') for name in ('get', 'swap')},
