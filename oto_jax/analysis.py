@@ -8,8 +8,8 @@
    that carry the same channels and blocks those that can never be pruned; the model's inputs
    and outputs are blocked here. The leaves of the final layout forest are atoms.
 3. **Proof** (:mod:`oto_jax.proof`): for all atoms at once, the members that produce a
-   channel are assumed zero on it; an atom fails when a contraction sums over it while
-   neither side is zero.
+   channel are assumed zero on it; an atom fails when a contraction or a sum adds it up
+   while no operand is zero on it.
 4. **Selection** (here): atoms whose member entries overlap (heads × head_dim of one kernel)
    cannot both carry ZIGs; the outermost one does. Each selected, proven atom touching a
    variable is a prunable node group.

@@ -3,8 +3,8 @@
 Assume the trainable variables that produce a channel (the *members*) are zero on it and
 everything else is arbitrary. Each equation's :class:`~oto_jax.primitives.Zero` says which
 result slices are then zero; the proof pushes these sets of atoms through the program (to a
-fixed point through loop carries). An atom fails when a contraction sums over it while
-neither side is zero: its channel then changes the output when its dependents change.
+fixed point through loop carries). An atom fails when a contraction or a sum adds it up while
+no operand is zero on it: its channel then changes the output when its dependents change.
 """
 
 from __future__ import annotations
@@ -127,20 +127,22 @@ class Proof:
       self._contraction(eqn, zero.contract)
 
   def _contraction(self, eqn: Eqn, contract) -> None:
-    lhs, rhs = eqn.ins[0], eqn.ins[1]
-    if isinstance(lhs, Literal) or isinstance(rhs, Literal):
-      return
+    # One list of contracted axes per operand (a contraction's two, a sum's one): each summed
+    # channel must be zero in some operand on a contracted axis.
     ctx = self.ctx
     node = ctx.node
-    summed = self.atoms_of_axes([node(lhs, ax) for ax in contract[0]])
+    sides = [(x, axes) for x, axes in zip(eqn.ins, contract) if not isinstance(x, Literal)]
+    summed = self.atoms_of_axes([node(x, ax) for x, axes in sides for ax in axes])
     # A side whose zero slice lies on a free axis (a residual kernel's output column) does
     # not make the summed rows zero.
-    free_l = self.atoms_of_axes([node(lhs, ax) for ax in range(len(ctx.shape(lhs))) if ax not in contract[0]])
-    free_r = self.atoms_of_axes([node(rhs, ax) for ax in range(len(ctx.shape(rhs))) if ax not in contract[1]])
-    zl, zr = self.z(lhs) - free_l, self.z(rhs) - free_r
+    zeros = [
+      self.z(x) - self.atoms_of_axes([node(x, ax) for ax in range(len(ctx.shape(x))) if ax not in axes])
+      for x, axes in sides
+    ]
     for a in summed:
-      if a not in zl and a not in zr and a not in self.failed:
-        msg = f'summed over by `{eqn.name}` at {eqn.where} while neither side is zero'
+      if a not in self.failed and not any(a in z for z in zeros):
+        what = 'neither side is' if len(sides) > 1 else 'it is not'
+        msg = f'summed over by `{eqn.name}` at {eqn.where} while {what} zero'
         if a in self.lost:
           e = self.lost[a]
           msg += f' (zero-invariance is lost at `{e.name}` {e.where})'

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax.extend as jex
+import numpy as np
 
 from oto_jax.axes import PROD, AxisGraph, reshape_groups
 from oto_jax.errors import AnalysisError
@@ -65,6 +66,9 @@ class StructureContext:
       self.base.append(first)
       first += len(shape)
     self.uses: dict[int, list[tuple[str, Any]]] = defaultdict(list)
+    # value -> (axis nodes, their total length, the reduction): sums over channels, followed
+    # through pure data moves until something divides them by that length.
+    self.sums: dict[int, tuple[tuple[int, ...], int, Any]] = {}
     self._shapes, self._syms = values.shapes, values.syms
     self._generic_shapes: dict[tuple, tuple[int, ...]] = {}
     self._generic = {name: _GENERIC[i % len(_GENERIC)] for i, name in enumerate(sorted(env))}
@@ -171,6 +175,38 @@ class StructureContext:
       hit = self._generic_shapes[sym] = evaluate_shape(sym, self._generic)
     return hit
 
+  def summed(self, v: int, axes: list, step: Any) -> None:
+    """``v`` is a sum over ``axes`` (``(value, axis)`` pairs) at ``step``.
+
+    A zero channel adds nothing to a sum, so the summed axes stay channels; dividing the sum by
+    their total length (a mean, a variance, a normalisation) blocks them (:meth:`scaled`).
+    """
+    count = math.prod(self._shapes[x][ax] for x, ax in axes)
+    self.sums[v] = (tuple(self.base[x] + ax for x, ax in axes), count, step)
+
+  def scaled(self, v: Any, factor: Any, step: Any, divides: bool = False) -> None:
+    """``v`` is multiplied (or, if ``divides``, divided) by the constant ``factor`` at ``step``;
+    if ``v`` is a sum and that scales it by one over its width, the sum is a mean and its axes
+    are blocked.
+
+    The slim program would stay exact (it keeps dividing by the full width), but a mean over
+    fewer channels is not what the same layer computes at the slimmer width.
+    """
+    hit = self.sums.get(v) if type(v) is int else None
+    if hit is None:
+      return
+    nodes, count, red = hit
+    factor = np.asarray(factor)
+    if factor.size != 1:
+      return
+    factor = float(factor.reshape(()))
+    if np.isclose(factor, count, rtol=1e-5) if divides else np.isclose(factor * count, 1.0, rtol=1e-5):
+      why = Reason(
+        f'averaged over: a sum divided by its width {count} (a mean, which a slimmer width changes)', red
+      )
+      for n in nodes:
+        self.graph.block(n, why, False)
+
   def block_axis(self, v: Any, ax: int, reason: Any, step: Any = None, structural: bool = False) -> None:
     """Axis ``ax`` of ``v`` can never be pruned; ``structural`` axes are not channels at all.
 
@@ -221,6 +257,9 @@ def _eqn(ctx: StructureContext, eqn: Eqn) -> None:
         ctx.uses[a].append(('other', None))
     return
   entry.structure(ctx, eqn)
+  sums = ctx.sums
+  if sums and entry.moves is not None and type(eqn.ins[0]) is int and eqn.ins[0] in sums:
+    sums[eqn.outs[0]] = sums[eqn.ins[0]]
   watched = ctx.watched
   contract = eqn.zero.contract
   for k, a in enumerate(eqn.ins):
@@ -230,7 +269,7 @@ def _eqn(ctx: StructureContext, eqn: Eqn) -> None:
       # Where the axes land is asked only along a variable's uses: computed then, not here.
       ctx.uses[a].append(('moved', eqn))
       watched.add(eqn.outs[0])
-    elif contract is not None and k < 2:
+    elif contract is not None and k < len(contract):
       ctx.uses[a].append(('contract', frozenset(contract[k])))
     else:
       ctx.uses[a].append(('other', None))

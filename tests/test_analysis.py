@@ -197,7 +197,7 @@ def test_layernorm_hidden_is_unprunable(norm: bool):
   small = DenseNormDense(hidden=5, norm=norm).apply(_slice_out(zeroed, g, 2), x)
   err = float(jnp.max(jnp.abs(small - model.apply(zeroed, x))))
   if norm:
-    assert not g.prunable and 'reduced over' in g.reason, part.summary()
+    assert not g.prunable and 'averaged over' in g.reason, part.summary()
     # LayerNorm's mean and variance count the zero channel: the 5-wide net differs.
     assert err > 1e-3
   else:
@@ -205,6 +205,58 @@ def test_layernorm_hidden_is_unprunable(norm: bool):
     assert g.prunable and part.num_zigs == 6, part.summary()
     chex.assert_trees_all_close(zeroed, part.zero(v, g.zig_ids[2:3]))
     assert err < 1e-5
+
+
+class DenseSumDense(nn.Module):
+  """A hidden layer followed by one use of a sum over its channels."""
+
+  use: str
+  hidden: int = 16
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(self.hidden)(x)
+    if self.use == 'gate':  # a plain sum: the zero channels add nothing
+      h = nn.relu(h) * jnp.tanh(jnp.sum(h, -1, keepdims=True))
+    elif self.use == 'l2':  # an L2 normalisation never divides by the width
+      h = h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-3)
+    elif self.use == 'mean':
+      h = h - jnp.mean(h, -1, keepdims=True)
+    elif self.use == 'scaled':  # a mean written as a product with 1 / width
+      h = h * (jnp.sum(h, -1, keepdims=True) * (1.0 / self.hidden))
+    elif self.use == 'rms':
+      h = nn.RMSNorm()(h)
+    elif self.use == 'softmax':  # the sum of exp(h): a zero channel adds exp(0) = 1
+      h = h / jnp.sum(jnp.exp(h), -1, keepdims=True)
+    return nn.Dense(3)(h)
+
+
+@pytest.mark.parametrize(
+  'use, reason',
+  [
+    ('gate', None),
+    ('l2', None),
+    ('mean', 'averaged over: a sum divided by its width 16'),
+    ('scaled', 'averaged over: a sum divided by its width 16'),
+    ('rms', 'averaged over: a sum divided by its width 16'),
+    ('softmax', 'summed over by `reduce_sum`'),
+  ],
+)
+def test_sums_over_channels(use: str, reason: str | None):
+  model, x = DenseSumDense(use), _inputs(4, 5)
+  v = _init(model, x)
+  part = oto_jax.zig_partition(model.apply, v, x)
+  g = _group(part, ('params', 'Dense_0', 'kernel'), 1)
+  if reason is None:
+    assert g.prunable and part.num_zigs == 16, part.summary()
+    _check_removable(f'sum_{use}', model.apply, v, (x,), part)
+    # The same layer 15 wide computes what the 16-wide one with channel 5 zeroed does.
+    zeroed = part.zero(v, g.zig_ids[5:6])
+    small = DenseSumDense(use, hidden=15).apply(_slice_out(zeroed, g, 5), x)
+    chex.assert_trees_all_close(small, model.apply(zeroed, x), atol=1e-5)
+  else:
+    assert not g.prunable and reason in g.reason, part.summary()
+    assert part.num_zigs == 0
 
 
 class DenseSortDense(nn.Module):
@@ -454,7 +506,7 @@ def test_tied_embedding_lm():
   emb = ('params', 'Embed_0', 'embedding')
   vocab, hidden = _group(part, emb, 0), _group(part, emb, 1)
   assert vocab.size == 11 and not vocab.prunable, part.summary()
-  assert hidden.size == 8 and not hidden.prunable and 'reduced over' in hidden.reason, part.summary()
+  assert hidden.size == 8 and not hidden.prunable and 'averaged over' in hidden.reason, part.summary()
   assert part.num_zigs == 16 and _sizes(part) == [16], part.summary()
   _check_removable('tied_lm', model.apply, v, (_TOKENS,), part)
 

@@ -132,6 +132,13 @@ def _top_k_over_pairs(h):
   return jax.lax.top_k(jnp.stack([h, -h], axis=-1), 1)[0][..., 0]
 
 
+def _ragged_experts(h):
+  # Row 0 goes to expert 0, the others to expert 1 (two fixed experts of 5 outputs).
+  experts = jnp.asarray(np.random.default_rng(4).normal(size=(2, h.shape[1], 5)), h.dtype)
+  sizes = jnp.stack([jnp.ones((), jnp.int32), jnp.asarray(h.shape[0] - 1, jnp.int32)])
+  return jax.lax.ragged_dot(h, experts, sizes)
+
+
 # name → (op on the hidden activations, ZIGs expected, primitives that must appear).
 CASES = {
   'jit': (jax.jit(jax.nn.relu), 6, {'jit'}),
@@ -157,6 +164,12 @@ CASES = {
   # ... and a channel that adds its indices is no longer zero.
   'top_k_indices': (_top_k_indices, 0, {'top_k'}),
   'fft': (lambda h: jnp.fft.fft(h).real, 0, {'fft'}),
+  # A plain sum over the channels: a zero channel adds nothing.
+  'reduce_sum': (lambda h: h * jnp.tanh(h.sum(-1, keepdims=True)), 6, {'reduce_sum'}),
+  # A mean over them divides by the width, which a slimmer layer changes.
+  'reduce_sum_mean': (lambda h: h - h.mean(-1, keepdims=True), 0, {'reduce_sum'}),
+  # The hidden units are contracted by every expert; the constant experts are kept whole.
+  'ragged_dot_general': (_ragged_experts, 6, {'ragged_dot_general'}),
 }
 
 

@@ -135,6 +135,12 @@ def mlp_forward(spec: tuple, L: arch.Layers, x: jax.Array) -> jax.Array:
       x = x * jax.nn.sigmoid(L.dense(x, c))
     elif kind == 'norm':
       x = L.layer_norm(x) if a[0] == 'layer' else L.rms_norm(x)
+    elif kind == 'sum':
+      # Plain sums over the channels (no division by the width): they stay prunable.
+      if a[0] == 'gate':
+        x = x * jnp.tanh(jnp.sum(x, -1, keepdims=True))
+      else:
+        x = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1.0)
     elif kind == 'branches':
       w1, w2, act = a
       x = jnp.concatenate([ACTS[act](L.dense(x, w1)), ACTS[act](L.dense(x, w2))], axis=-1)
@@ -296,7 +302,7 @@ def conv_specs(draw) -> tuple:
 def mlp_specs(draw) -> tuple:
   c, blocks = FEATURES, []
   for _ in range(draw(st.integers(1, 5))):
-    kind = draw(st.sampled_from(['dense', 'residual', 'glu', 'gate', 'norm', 'branches']))
+    kind = draw(st.sampled_from(['dense', 'residual', 'glu', 'gate', 'norm', 'sum', 'branches']))
     if kind == 'dense':
       c = draw(st.integers(1, 16))
       block = (c, draw(st.booleans()), draw(act_names))
@@ -304,6 +310,8 @@ def mlp_specs(draw) -> tuple:
       block = (draw(st.integers(1, 16)),) + ((draw(act_names),) if kind == 'residual' else ())
     elif kind == 'norm':
       block = (draw(st.sampled_from(['layer', 'rms'])),)
+    elif kind == 'sum':
+      block = (draw(st.sampled_from(['gate', 'l2'])),)
     elif kind == 'branches':
       w1, w2 = draw(st.integers(1, 8)), draw(st.integers(1, 8))
       c, block = w1 + w2, (w1, w2, draw(act_names))

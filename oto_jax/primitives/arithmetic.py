@@ -51,6 +51,16 @@ def _bitcast_structure(ctx, eqn):
     ctx.block_all([x, out], 'bit-cast to a type of another width', eqn)
 
 
+def _scale_structure(ctx, eqn):
+  align_elementwise(ctx, eqn)
+  # A sum divided (or multiplied) by a constant: a mean when the constant is its width.
+  a, b = eqn.ins
+  if isinstance(b, Literal):
+    ctx.scaled(a, b.val, eqn, divides=eqn.name == 'div')
+  elif isinstance(a, Literal) and eqn.name == 'mul':
+    ctx.scaled(b, a.val, eqn)
+
+
 def _clamp(eqn) -> Zero:
   # clamp(lo, 0, hi) is 0 only when lo <= 0 <= hi, which literal bounds can show.
   lo, hi = eqn.ins[0], eqn.ins[2]
@@ -71,9 +81,9 @@ ENTRIES: dict[str, PrimitiveEntry] = {
   'xor': elementwise(_all_zero()),
   'max': elementwise(_all_zero(lambda v: np.all(np.asarray(v) <= 0))),
   'min': elementwise(_all_zero(lambda v: np.all(np.asarray(v) >= 0))),
-  'mul': elementwise(Zero('any')),
+  'mul': PrimitiveEntry(_scale_structure, Zero('any')),
   'and': elementwise(Zero('any')),
-  'div': elementwise(Zero('keep', operands=(0,))),
+  'div': PrimitiveEntry(_scale_structure, Zero('keep', operands=(0,))),
   'rem': elementwise(Zero('keep', operands=(0,))),
   'integer_pow': PrimitiveEntry(align_elementwise, _integer_pow),
   # select_n(pred, *cases) is zero where every case is.

@@ -29,8 +29,15 @@ def _dot_zero(eqn) -> Zero:
 
 
 def _dot_cost(ctx, eqn):
-  # Two FLOPs per multiply-accumulate: every output element times the contracted lengths.
-  (lc, _), _ = eqn.params['dimension_numbers']
+  # Two FLOPs per multiply-accumulate: every output element times the contracted lengths (a
+  # ragged dot's row meets one expert: the same count).
+  p = eqn.params
+  numbers = (
+    p['dimension_numbers']
+    if 'dimension_numbers' in p
+    else p['ragged_dot_dimension_numbers'].dot_dimension_numbers
+  )
+  (lc, _), _ = numbers
   return [CostTerm(2.0, all_axes(ctx, eqn.outs[0]) + tuple((eqn.ins[0], ax) for ax in lc))]
 
 
@@ -82,7 +89,55 @@ def _conv_rewrite(ctx, eqn):
   return p
 
 
+def _ragged_numbers(eqn):
+  """``(contracting, batch, lhs ragged axes, rhs group axes)`` of a ``ragged_dot_general``, or
+  None unless its ragged axes are free rows of the lhs and the rhs has a group (expert) axis:
+  the forward of a mixture-of-experts dispatch, whose result has no group axis."""
+  rn = eqn.params['ragged_dot_dimension_numbers']
+  (lc, rc), (lb, rb) = rn.dot_dimension_numbers
+  ragged, group = tuple(rn.lhs_ragged_dimensions), tuple(rn.rhs_group_dimensions)
+  if not group or any(a in lc or a in lb for a in ragged):
+    return None
+  return (lc, rc), (lb, rb), ragged, group
+
+
+def _ragged_structure(ctx, eqn):
+  lhs, rhs, sizes, out = eqn.ins[0], eqn.ins[1], eqn.ins[2], eqn.outs[0]
+  numbers = _ragged_numbers(eqn)
+  if numbers is None:
+    ctx.block_all([lhs, rhs, out], '`ragged_dot_general` with a ragged contracting or batch axis', eqn)
+    return
+  (lc, rc), (lb, rb), _, group = numbers
+  for a, b in zip(lc, rc):
+    ctx.unite(lhs, a, rhs, b)
+  pos = 0
+  for a, b in zip(lb, rb):
+    ctx.unite(lhs, a, rhs, b)
+    ctx.unite(lhs, a, out, pos)
+    pos += 1
+  # The group sizes assign runs of lhs rows to the experts in order: removing an expert would
+  # hand its rows to the next one.
+  why = 'the expert (group) axis of `ragged_dot_general`: its group sizes assign rows to experts'
+  for ax in group:
+    ctx.block_axis(rhs, ax, why, eqn)
+  ctx.block_all([sizes], why, eqn)
+  for x, used in ((lhs, set(lc) | set(lb)), (rhs, set(rc) | set(rb) | set(group))):
+    for ax in range(len(ctx.shape(x))):
+      if ax not in used:
+        ctx.unite(x, ax, out, pos)
+        pos += 1
+
+
+def _ragged_zero(eqn) -> Zero:
+  numbers = _ragged_numbers(eqn)
+  if numbers is None:
+    return NONE
+  (lc, rc), *_ = numbers
+  return Zero('any', operands=(0, 1), contract=(tuple(lc), tuple(rc)))
+
+
 ENTRIES: dict[str, PrimitiveEntry] = {
   'dot_general': PrimitiveEntry(_dot_structure, _dot_zero, cost=_dot_cost),
+  'ragged_dot_general': PrimitiveEntry(_ragged_structure, _ragged_zero, cost=_dot_cost),
   'conv_general_dilated': PrimitiveEntry(_conv_structure, _conv_zero, cost=_conv_cost, rewrite=_conv_rewrite),
 }

@@ -40,8 +40,9 @@ class Zero(NamedTuple):
       ``logistic``, ``iota``).
     operands: positions of the operands that matter (default: all).
     literal_ok: for ``'all'``: which literal values keep a zero (default ``x == 0``).
-    contract: for contractions, pairs ``(lhs_axes, rhs_axes)`` of the two operands' contracted
-      axes (operands 0 and 1): the proof requires one side to be zero on each contracted channel.
+    contract: for contractions and sums, the contracted axes of each operand from operand 0 on
+      (``(lhs_axes, rhs_axes)`` for ``dot_general``, ``(axes,)`` for ``reduce_sum``): the
+      proof requires some operand to be zero on each contracted channel.
     results: positions of the results the rule speaks for (default: all); the others are
       never zero (``top_k``: its values keep a zero row's zeros, its indices do not).
   """
@@ -49,7 +50,7 @@ class Zero(NamedTuple):
   kind: str
   operands: Sequence[int] | None = None
   literal_ok: Callable[[Any], bool] | None = None
-  contract: tuple[Sequence[int], Sequence[int]] | None = None
+  contract: tuple[Sequence[int], ...] | None = None
   results: Sequence[int] | None = None
 
 

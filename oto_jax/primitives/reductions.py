@@ -24,6 +24,24 @@ def _reduce_structure(ctx, eqn):
         kept += 1
 
 
+def _sum_structure(ctx, eqn):
+  # A zero channel adds nothing to a sum: the summed axes stay channels (the proof checks
+  # that the pruned ones are zero there), unless the sum becomes a mean (`StructureContext.summed`).
+  x, out = eqn.ins[0], eqn.outs[0]
+  axes = eqn.params['axes']
+  fixed = [ax for ax in axes if not ctx.is_symbolic(x, ax)]
+  for ax in axes:
+    if ctx.is_symbolic(x, ax):
+      ctx.block_axis(x, ax, f'reduced over by `{eqn.name}`', eqn)
+  kept = 0
+  for ax in range(len(ctx.shape(x))):
+    if ax not in axes:
+      ctx.unite(x, ax, out, kept)
+      kept += 1
+  if fixed and type(x) is int:
+    ctx.summed(out, [(x, ax) for ax in fixed], eqn)
+
+
 def _along_one_axis(axis_of):
   """Structure of a primitive that reorders or selects along one axis (sort, top-k): that axis
   is blocked, the others pass from every operand to every result."""
@@ -84,14 +102,19 @@ def _window_zero(eqn) -> Zero:
 
 
 _REDUCE = PrimitiveEntry(_reduce_structure, _OPERAND, cost=per_input)
+
+
+def _sum_zero(eqn) -> Zero:
+  return Zero('keep', operands=(0,), contract=(tuple(eqn.params['axes']),))
+
+
 _CUMULATIVE = PrimitiveEntry(_cumulative_structure, KEEP, cost=per_input)
 _WINDOW = PrimitiveEntry(_window_structure, _window_zero, cost=per_input)
 
 ENTRIES: dict[str, PrimitiveEntry] = {
-  **{
-    name: _REDUCE
-    for name in 'reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor'.split()
-  },
+  **{name: _REDUCE for name in 'reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor'.split()},
+  # A plain sum over channels: exact when the pruned ones are zero; a mean still blocks.
+  'reduce_sum': PrimitiveEntry(_sum_structure, _sum_zero, cost=per_input),
   # Its computation is arbitrary: nothing is known to stay zero.
   'reduce': _REDUCE.replace(zero=NONE),
   # A channel's sorted slice is a permutation of its own slice, which is zero when every

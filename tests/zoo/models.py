@@ -11,7 +11,7 @@ count: the two builds must agree with it, and with each other.
 Counting rules, in short: a channel / hidden unit / attention head produced by a layer and
 consumed by a contraction is one ZIG; a residual add or a shared consumer ties channels into
 one node group; the model's input and output axes, anything normalised by LayerNorm/RMSNorm
-and anything reduced over are never prunable; a channel shuffle's (groups, channels) view
+and anything reduced over by other than a plain sum (a mean, a max) are never prunable; a channel shuffle's (groups, channels) view
 ties channel i of every group into one ZIG; a depthwise conv's channel is its input's ZIG, and
 a grouped conv gives one ZIG per group.
 
@@ -344,6 +344,54 @@ def llama(
 
 
 # ---------------------------------------------------------------------------------------------
+# Mixture of experts
+
+
+def moe_layer(L: Layers, x: Array, name: str, experts: int, hidden: int, k: int, dispatch: str) -> Array:
+  """A top-``k`` routed mixture of GELU experts on tokens ``x`` (tokens, width).
+
+  A softmax router picks each token's ``k`` experts and weighs them by their renormalised
+  probabilities (Mixtral's routing). ``dispatch`` says how the experts run: ``'dense'`` (stacked
+  expert weights, every expert on every token, the gates zero the others: Switch-style einsums),
+  ``'ragged'`` (the token copies sorted by expert, one ``jax.lax.ragged_dot`` per expert
+  layer: megablox-style) or ``'modules'`` (one pair of Dense layers per expert).
+  """
+  d = x.shape[-1]
+  probs = jax.nn.softmax(L.dense(x, experts, use_bias=False, name=f'{name}_router'), axis=-1)
+  top, idx = jax.lax.top_k(probs, k)
+  top = top / jnp.sum(top, axis=-1, keepdims=True)
+  gates = jnp.sum(jax.nn.one_hot(idx, experts) * top[..., None], axis=-2)  # (tokens, experts)
+  if dispatch == 'modules':
+    y = jnp.zeros_like(x)
+    for e in range(experts):
+      h = jax.nn.gelu(L.dense(x, hidden, name=f'{name}_expert{e}_in'))
+      y = y + gates[:, e : e + 1] * L.dense(h, d, use_bias=False, name=f'{name}_expert{e}_out')
+    return y
+  w_in = L.param(f'{name}_w_in', (experts, d, hidden))
+  b_in = L.param(f'{name}_b_in', (experts, hidden))
+  w_out = L.param(f'{name}_w_out', (experts, hidden, d))
+  if dispatch == 'dense':
+    h = jax.nn.gelu(jnp.einsum('td,edf->tef', x, w_in) + b_in)
+    return jnp.einsum('te,tef,efd->td', gates, h, w_out)
+  flat = idx.reshape(-1)
+  order = jnp.argsort(flat)
+  rows = jnp.repeat(x, k, axis=0)[order]
+  sizes = jnp.bincount(flat, length=experts).astype(jnp.int32)
+  h = jax.nn.gelu(jax.lax.ragged_dot(rows, w_in, sizes) + b_in[flat[order]])
+  out = jax.lax.ragged_dot(h, w_out, sizes)[jnp.argsort(order)].reshape(-1, k, d)
+  return jnp.sum(out * top[..., None], axis=1)
+
+
+def moe_encoder(L: Layers, x: Array, dispatch: str = 'dense', width: int = 16) -> Array:
+  """Input Dense; two post-norm residual mixture-of-experts layers (4 experts of 12 units,
+  top-2); Dense head."""
+  x = L.dense(x, width)
+  for i in range(2):
+    x = L.layer_norm(x + moe_layer(L, x, f'moe{i}', experts=4, hidden=12, k=2, dispatch=dispatch))
+  return L.dense(x, 10)
+
+
+# ---------------------------------------------------------------------------------------------
 # Lifted transforms
 
 
@@ -506,6 +554,33 @@ SPECS: dict[str, Callable[[], tuple]] = {
     (features(6, 16),),
     104,
     [4, 48, 4, 48],
+    False,
+  ),
+  # Mixture of experts (2 layers of 4 GELU experts with 12 units, top-2, hidden 16 LayerNorm-ed).
+  # The router is kept whole in every build: the softmax normalises over all experts and top-k
+  # ranks them, so dropping a router column would re-route tokens.
+  # Stacked experts, every expert on every token: expert e (its w_in and b_in slabs; w_out[e]
+  # only reads units that are then gelu(0) = 0) is one ZIG. Unit j would be cut from every
+  # expert at once and shares those entries, so the outer axis, the experts, carries the
+  # ZIGs. 2 * 4 = 8.
+  'moe_dense': lambda: (functools.partial(moe_encoder, dispatch='dense'), (features(16),), 8, [4, 4], False),
+  # Token copies sorted by expert and multiplied by ragged_dot: the group sizes pin the expert
+  # axis, so unit j of all experts together (w_in[..., j], b_in[:, j]; w_out[:, j] reads it) is
+  # a ZIG. 2 * 12 = 24.
+  'moe_ragged': lambda: (
+    functools.partial(moe_encoder, dispatch='ragged'),
+    (features(16),),
+    24,
+    [12, 12],
+    False,
+  ),
+  # One pair of Dense layers per expert: each expert's 12 units are its own ZIGs, and removing
+  # all of them removes the expert but for one zero unit. 2 * 4 * 12 = 96.
+  'moe_modules': lambda: (
+    functools.partial(moe_encoder, dispatch='modules'),
+    (features(16),),
+    96,
+    [12] * 8,
     False,
   ),
   # Stream 32 = input Dense + every scanned block's second Dense; hidden 24 is one group for
