@@ -178,11 +178,13 @@ class AxisGraph:
     memo[r] = out
     return out
 
-  def index_map(self, a: int, atom: int, memo: dict | None = None) -> tuple[np.ndarray, int]:
+  def index_map(self, a: int, atom: int, memo: dict | None = None) -> tuple[np.ndarray, tuple | None]:
     """For each slice of axis ``a``: the index along ``atom`` it belongs to, or -1.
 
-    Also returns the layout position of the factor that holds the atom (0 for the
-    outermost, -1 when absent), used to rank atoms competing for the same entries.
+    Also returns where the atom sits in the layout: the positions of the factors that hold it,
+    outermost product first (``()`` for the axis itself, None when absent). Tuples compare
+    outer-first, which ranks atoms competing for the same entries (heads before head_dim,
+    also inside a mesh's (devices, shard) product).
 
     With ``memo`` (a dict kept by the caller while the graph does not change), every axis
     united with ``a`` shares one read-only array.
@@ -197,27 +199,27 @@ class AxisGraph:
       memo[key] = out
     return out
 
-  def _index_map(self, r: int, atom: int, memo: dict | None) -> tuple[np.ndarray, int]:
+  def _index_map(self, r: int, atom: int, memo: dict | None) -> tuple[np.ndarray, tuple | None]:
     if r == atom:
-      return np.arange(self.size[r], dtype=np.int32), 0
+      return np.arange(self.size[r], dtype=np.int32), ()
     lay = self.children(r)
     if lay is None:
-      return np.full((self.size[r],), -1, np.int32), -1
+      return np.full((self.size[r],), -1, np.int32), None
     kind, kids = lay
     maps = [self.index_map(c, atom, memo) for c in kids]
     if kind == CAT:
-      depth = min((d for _, d in maps if d >= 0), default=-1)
+      depth = min((d for _, d in maps if d is not None), default=None)
       return np.concatenate([m for m, _ in maps]), depth
-    holders = [pos for pos, (_, d) in enumerate(maps) if d >= 0]
+    holders = [pos for pos, (_, d) in enumerate(maps) if d is not None]
     if not holders:
-      return np.full((self.size[r],), -1, np.int32), -1
+      return np.full((self.size[r],), -1, np.int32), None
     if len(holders) > 1:
       raise ValueError('atom in two factors of one axis')
     pos = holders[0]
     shape = [1] * len(kids)
     shape[pos] = -1
     full = np.broadcast_to(maps[pos][0].reshape(shape), [self.size[c] for c in kids])
-    return full.reshape(-1).astype(np.int32), pos
+    return full.reshape(-1).astype(np.int32), (pos, *maps[pos][1])
 
 
 def reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:

@@ -20,6 +20,7 @@ shapes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -219,7 +220,12 @@ def _terms(b: _Builder, program: Program, steps, times: float, rule) -> None:
       for coef, axes in rule(cx, step):
         b.add(coef * times, axes)
     elif isinstance(step, Call):
-      _terms(b, program, step.body, times, rule)
+      # A shard_map body runs on every device of its manual mesh axes, on shards.
+      devices = 1
+      if step.kind == 'shard_map':
+        shape = step.params['mesh'].shape
+        devices = math.prod(shape[a] for a in (step.params['axis_names'] or shape))
+      _terms(b, program, step.body, times * devices, rule)
     elif isinstance(step, Loop):
       n = 1 if step.length is None else evaluate_dim(step.length, program.signature.env)
       _terms(b, program, step.cond + step.body, times * n, rule)

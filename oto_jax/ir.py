@@ -5,7 +5,10 @@ numbered values:
 
 * :class:`Eqn`: one primitive application, with its registry entry;
 * :class:`Call`: a sub-program run in place (``jit``, ``custom_jvp_call``,
-  ``custom_vjp_call``, ``remat``); its operands and results are the caller's values;
+  ``custom_vjp_call``, ``remat``); its operands and results are the caller's values. A
+  ``shard_map`` is a call whose body works on per-device shards: it starts with one
+  :data:`SHARD_MAP_ENTER` equation per operand (the caller's value → the shard the body reads)
+  and ends with one :data:`SHARD_MAP_EXIT` per result;
 * :class:`Loop`: ``scan`` or ``while``, with its body (and condition);
 * :class:`Cond`: ``cond``, with its branches.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import traceback
 from collections import Counter
@@ -59,6 +63,32 @@ def evaluate_dim(d: Any, env: Mapping[str, Any]) -> Any:
 
 def evaluate_shape(shape: tuple, env: Mapping[str, Any]) -> tuple:
   return tuple(evaluate_dim(d, env) for d in shape)
+
+
+_NAME = re.compile(r'[A-Za-z_]\w*')
+_DIM_FUNCTIONS = frozenset({'mod', 'floordiv', 'max', 'min', 'non_negative'})
+
+
+def solve_dim(d: Any, n: Any) -> tuple[str, Any] | None:
+  """The binding ``(variable, value)`` that makes dimension ``d`` equal ``n``.
+
+  ``d`` may be a variable or a multiple of one plus a constant (``b``, ``2*b``, ``8*b + 1``: a
+  batch that a mesh splits must be a multiple of its devices); ``n`` an int, or a dimension
+  expression under ``jax.export``. None when ``d`` has another form or ``n`` does not fit it.
+  """
+  names = set(_NAME.findall(str(d))) - _DIM_FUNCTIONS
+  if len(names) != 1:
+    return None
+  (v,) = names
+  at1, at2, at3 = (evaluate_dim(d, {v: k}) for k in (1, 2, 3))
+  a = at2 - at1
+  c = at1 - a
+  if a <= 0 or at3 != 3 * a + c:
+    return None
+  if is_symbolic(n):
+    return v, (n - c) // a  # jax.export simplifies (2*b) // 2 to b
+  n = int(n)
+  return (v, (n - c) // a) if (n - c) % a == 0 and n >= c else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +361,13 @@ class Program:
 
 _CALL_KEYS = ('jaxpr', 'call_jaxpr', 'fun_jaxpr')
 
+# The edges of a shard_map body, as equations: the global value and its per-device shard are
+# different values (different shapes) that the structure pass ties together by the
+# operand's `spec` (a PartitionSpec over `mesh`). The slim program never binds them: it
+# rebuilds the shard_map around the body.
+SHARD_MAP_ENTER = jex.core.Primitive('shard_map_enter')
+SHARD_MAP_EXIT = jex.core.Primitive('shard_map_exit')
+
 
 def _sub_jaxpr(eqn) -> tuple[Any, list] | None:
   """The sub-program of a call-like primitive (jit, custom_jvp/vjp, remat), if it has one."""
@@ -414,6 +451,8 @@ class Builder:
         outs = self._while(eqn, args, steps, sites)
       elif name == 'cond':
         outs = self._cond(eqn, args, steps, sites)
+      elif name == 'shard_map':
+        outs = self._shard_map(eqn, args, steps, sites)
       elif entry is None and (sub := _sub_jaxpr(eqn)) is not None:
         body, outs = self.walk(sub[0], sub[1], args, (*sites, eqn.source_info))
         params = {k: v for k, v in eqn.params.items() if k in ('policy', 'prevent_cse')}
@@ -503,6 +542,41 @@ class Builder:
     outs = [self.value(v.aval) for v in eqn.outvars]
     self._taint(args, outs)
     steps.append(Cond(args[0], tuple(branches), tuple(outs), eqn.source_info, sites))
+    return outs
+
+  def _shard_map(self, eqn, args, steps, sites) -> list:
+    p = eqn.params
+    jaxpr = p['jaxpr']
+    jaxpr, consts = (
+      (jaxpr.jaxpr, list(jaxpr.consts)) if isinstance(jaxpr, jex.core.ClosedJaxpr) else (jaxpr, [])
+    )
+    here = (*sites, eqn.source_info)
+
+    def edge(prim, x, out, spec):
+      entry = self.lookup(prim.name)
+      params = {'spec': spec, 'mesh': p['mesh']}
+      return Eqn(prim, params, (x,), (out,), entry, entry.zero, eqn.source_info, here)
+
+    shards = [self.value(v.aval) for v in jaxpr.invars]
+    self._taint(args, shards)
+    enter = [edge(SHARD_MAP_ENTER, x, s, spec) for x, s, spec in zip(args, shards, p['in_specs'])]
+    body, results = self.walk(jaxpr, consts, shards, here)
+    outs = [self.value(v.aval) for v in eqn.outvars]
+    self._taint(args, outs)
+    exit_ = [edge(SHARD_MAP_EXIT, r, o, spec) for r, o, spec in zip(results, outs, p['out_specs'])]
+    # A shard is its global value read in pieces: its reads count as the global value's (so
+    # that a variable's shard is never taken for a shared table).
+    for x, shard in zip(args, shards):
+      if type(x) is int:
+        self.table_reads[x] += self.table_reads.pop(shard, 0)
+    params = {
+      'mesh': p['mesh'],
+      'check_vma': p.get('check_vma', p.get('check_rep', True)),
+      'axis_names': frozenset(p.get('newly_manual_axes', p.get('manual_axes', ()))),
+    }
+    steps.append(
+      Call('shard_map', params, (*enter, *body, *exit_), tuple(args), tuple(outs), eqn.source_info, sites)
+    )
     return outs
 
   def _taint(self, args: list, defined: list) -> None:

@@ -24,7 +24,7 @@ import dataclasses
 
 import jax.extend as jex
 
-from oto_jax.ir import Branch, Call, Eqn, Loop, Program, Values
+from oto_jax.ir import SHARD_MAP_ENTER, Branch, Call, Eqn, Loop, Program, Values
 from oto_jax.primitives.entry import NONE, PrimitiveEntry, free
 
 
@@ -66,7 +66,8 @@ def fork_shared_tables(program: Program) -> Program:
     for s in steps:
       new = s
       if isinstance(s, Eqn):
-        if any(type(x) is int and x in shared for x in s.ins):
+        # A shard_map's edge only splits the table into shards: it is not a reader.
+        if s.primitive is not SHARD_MAP_ENTER and any(type(x) is int and x in shared for x in s.ins):
           ins = []
           for x in s.ins:
             if type(x) is int and x in shared:

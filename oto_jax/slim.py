@@ -26,7 +26,21 @@ import numpy as np
 
 from oto_jax.axis_zigs import AxisZigs
 from oto_jax.errors import ShapeSpecificError, SurgeryError
-from oto_jax.ir import Call, Cond, Eqn, InputLeaf, Literal, Loop, Program, Values, evaluate_dim, is_symbolic
+from oto_jax.ir import (
+  SHARD_MAP_ENTER,
+  SHARD_MAP_EXIT,
+  Call,
+  Cond,
+  Eqn,
+  InputLeaf,
+  Literal,
+  Loop,
+  Program,
+  Values,
+  evaluate_dim,
+  is_symbolic,
+  solve_dim,
+)
 from oto_jax.paths import input_name
 
 
@@ -176,7 +190,8 @@ def bind_inputs(leaves: tuple[InputLeaf, ...], arrays: list, fixed_reason: str) 
     if ok:
       for d, n in zip(spec.sym, shape):
         if is_symbolic(d):
-          ok = env.setdefault(str(d), n) is n or env[str(d)] == n
+          hit = solve_dim(d, n)
+          ok = hit is not None and (env.setdefault(hit[0], hit[1]) is hit[1] or env[hit[0]] == hit[1])
         else:
           ok = (not is_symbolic(n)) and int(n) == int(d)
         if not ok:
@@ -262,6 +277,9 @@ class _Run:
       scope[o] = r
 
   def call(self, call: Call, scope: dict) -> None:
+    if call.kind == 'shard_map':
+      self.shard_map(call, scope)
+      return
     if call.kind not in ('remat', 'remat2', 'checkpoint'):
       self.steps(call.body, scope)
       return
@@ -280,6 +298,38 @@ class _Run:
     for o, r in zip(call.outs, res):
       if isinstance(o, int):
         scope[o] = r
+
+  def shard_map(self, call: Call, scope: dict) -> None:
+    # The body between the edge equations runs on each device's shards, under the same mesh
+    # and specs: the slim shards are the full ones with the same positions dropped on every
+    # device. Unchecked: the program folded `pvary` of literals into plain literals, which a
+    # varying-axes check would refuse (the full model passed it).
+    enter = [s for s in call.body if isinstance(s, Eqn) and s.primitive is SHARD_MAP_ENTER]
+    exit_ = [s for s in call.body if isinstance(s, Eqn) and s.primitive is SHARD_MAP_EXIT]
+    body_steps = tuple(
+      s for s in call.body if not (isinstance(s, Eqn) and s.primitive in (SHARD_MAP_ENTER, SHARD_MAP_EXIT))
+    )
+
+    def body(*shards):
+      inner = dict(scope)
+      inner.update((e.outs[0], x) for e, x in zip(enter, shards))
+      self.steps(body_steps, inner)
+      return tuple(self.read(inner, e.ins[0]) for e in exit_)
+
+    p = call.params
+    mesh = p['mesh']
+    manual = p['axis_names']
+    fn = jax.shard_map(
+      body,
+      mesh=mesh,
+      in_specs=tuple(e.params['spec'] for e in enter),
+      out_specs=tuple(e.params['spec'] for e in exit_),
+      axis_names=manual if manual and manual != set(mesh.axis_names) else frozenset(),
+      check_vma=False,
+    )
+    res = fn(*(jnp.asarray(self.read(scope, e.ins[0])) for e in enter))
+    for e, r in zip(exit_, res):
+      scope[e.outs[0]] = r
 
   def _cast(self, xs, ids) -> list:
     return [jnp.asarray(x, self.dtype(i)) for x, i in zip(xs, ids)]

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from oto_jax.errors import AnalysisError
-from oto_jax.ir import Builder, InputLeaf, Program, Signature, is_symbolic, user_line
+from oto_jax.ir import Builder, InputLeaf, Program, Signature, is_symbolic, solve_dim, user_line
 from oto_jax.paths import Path, is_array, path_of, path_str
 
 # The default dimension variable of the batch.
@@ -92,17 +92,20 @@ def _binding(leaves: list, symbolic: list) -> dict[str, int]:
   env: dict[str, int] = {}
   for x, s in zip(leaves, symbolic):
     for n, d in zip(x.shape, s.shape):
-      if is_symbolic(d):
-        name = str(d)
-        if not name.isidentifier():
-          raise AnalysisError(
-            f'polymorphic_shapes may only use plain dimension variables (like `b`), not `{name}`.'
-          )
-        if env.setdefault(name, int(n)) != int(n):
-          raise AnalysisError(
-            f'Dimension variable `{name}` is {env[name]} in one input and {n} in another; inputs that '
-            'share a variable must agree on it.'
-          )
+      if not is_symbolic(d):
+        continue
+      hit = solve_dim(d, n)
+      if hit is None:
+        raise AnalysisError(
+          f'polymorphic_shapes: dimension `{d}` cannot be {n}; use a variable (`b`) or a multiple of '
+          'one plus a constant (`2*b`, for a batch split over 2 devices), with a length that fits it.'
+        )
+      name, value = hit
+      if env.setdefault(name, value) != value:
+        raise AnalysisError(
+          f'Dimension variable `{name}` is {env[name]} in one input and {value} in another; inputs '
+          'that share a variable must agree on it.'
+        )
   return env
 
 

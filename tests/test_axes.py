@@ -71,10 +71,19 @@ def test_index_maps_follow_products_and_concatenations():
   g.assign(q, PROD, [heads, dim])
   index, depth = g.index_map(qkv, heads)
   np.testing.assert_array_equal(index, np.r_[np.repeat(np.arange(3), 4), -np.ones(12, int)])
-  assert depth == 0
+  assert depth == (0,)
   index, depth = g.index_map(q, dim)
   np.testing.assert_array_equal(index, np.tile(np.arange(4), 3))
-  assert depth == 1
+  assert depth == (1,)
+  # Nested products: the positions of every factor on the way, outermost first.
+  devices, shard = g.new(2), g.new(12)
+  whole = g.new(24)
+  g.assign(whole, PROD, [devices, shard])
+  g.assign(shard, PROD, [g.new(3), g.new(4)])
+  inner_heads, inner_dim = g.children(g.find(shard))[1]
+  assert g.index_map(whole, inner_heads)[1] == (1, 0) < g.index_map(whole, inner_dim)[1] == (1, 1)
+  assert g.index_map(whole, whole)[1] == ()
+  assert g.index_map(whole, heads)[1] is None
 
 
 def test_size_one_factors_carry_nothing():

@@ -107,6 +107,23 @@ def test_sequence_length_can_be_symbolic_too():
     fixed_len.apply(fixed_len.variables, jnp.zeros((2, 7), jnp.int32))
 
 
+def test_batch_can_be_a_multiple_of_a_variable():
+  """A batch that a mesh splits is a multiple of its devices: ``2*b`` binds b from the shape,
+  and the slim model takes every even batch and refuses an odd one, naming both shapes."""
+  model, v, x = _conv_case(batch=4)
+  part = oto_jax.zig_partition(model.apply, v, x, polymorphic_shapes=('2*b, 6, 6, 3',))
+  assert part.program.signature.env == {'b': 2}
+  zeroed = part.zero(v, [0, 3])
+  sub = oto_jax.construct_subnet(part, zeroed)
+  for batch in (2, 6):
+    xb = _normal(batch, 6, 6, 3, seed=batch)
+    chex.assert_trees_all_close(sub.apply(sub.variables, xb), model.apply(zeroed, xb), rtol=1e-5, atol=1e-6)
+  with pytest.raises(oto_jax.ShapeSpecificError, match=r'\(3, 6, 6, 3\).*\(2\*b, 6, 6, 3\)'):
+    sub.apply(sub.variables, _normal(3, 6, 6, 3))
+  with pytest.raises(oto_jax.AnalysisError, match='cannot be 5'):
+    oto_jax.zig_partition(model.apply, v, _normal(5, 6, 6, 3), polymorphic_shapes=('2*b, 6, 6, 3',))
+
+
 class BatchBranching(nn.Module):
   """Code that compares the batch size with a number: it cannot be traced symbolically."""
 

@@ -30,6 +30,7 @@ ENTERED = {
   'jit',
   'remat2',
   'scan',
+  'shard_map',
   'while',
 }
 

@@ -1,8 +1,8 @@
 """The optimizers under data-parallel and fully-sharded meshes give the one-device result.
 
-The checks need several devices, and ``--xla_force_host_platform_device_count`` only takes
-effect before JAX initialises, so they run in a fresh worker process (this file run as a
-module: ``python -m tests.test_sharding [cnn|attention]``) with 8 host CPU devices. The worker trains two
+The checks need several devices, so they run in a fresh worker process (this file run as a
+module: ``python -m tests.test_sharding [cnn|attention]``) with 8 host CPU devices
+(:mod:`tests.multidevice`). The worker trains two
 small models (a conv net with BatchNorm and a residual add, and an attention block with
 heads) with HSPG, HESSO and DHSPG for a few jitted steps three ways:
 
@@ -21,22 +21,18 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-NUM_DEVICES = 8
+from tests.multidevice import NUM_DEVICES, run_workers
+
 STEPS = 10
 RTOL, ATOL = 1e-4, 1e-5
 # The marker before each JSON line of the worker's report on its stdout.
 MARKER = 'SHARDING_CASE '
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = ('cnn', 'attention')
 OPTIMIZERS = ('hspg', 'hesso', 'dhspg')
@@ -332,44 +328,10 @@ def _worker(models: list[str]) -> int:
 
 @pytest.fixture(scope='module')
 def report() -> dict[str, Any]:
-  env = dict(os.environ)
-  # Eight host devices; LLVM's optimisation level 0 roughly halves the compile time of the 18
-  # small programs, and every mode is compiled alike, so the comparison is unaffected.
-  flags = f'--xla_force_host_platform_device_count={NUM_DEVICES} --xla_backend_optimization_level=0'
-  env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {flags}'.strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get('PYTHONPATH')) if p)
   # One worker per model, side by side: compilation dominates and is mostly single-threaded.
-  # Their output goes to files, so that neither can block on a full pipe.
-  t0 = time.perf_counter()
-  runs = []
-  for name in MODELS:
-    out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
-    cmd = [sys.executable, '-m', 'tests.test_sharding', name]
-    runs.append((subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=err, text=True), out, err))
-  cases, returncodes, stderr = {}, [], []
-  for proc, out, err in runs:
-    try:
-      proc.wait(timeout=600)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
-    returncodes.append(proc.returncode)
-    out.seek(0)
-    err.seek(0)
-    stderr.append(err.read()[-3000:])
-    for line in out.read().splitlines():
-      if line.startswith(MARKER):
-        case = json.loads(line[len(MARKER) :])
-        cases[(case['model'], case['optimizer'])] = case
-    out.close()
-    err.close()
-  return {
-    'returncodes': returncodes,
-    'cases': cases,
-    'stderr': '\n'.join(stderr),
-    'seconds': time.perf_counter() - t0,
-  }
+  run = run_workers('tests.test_sharding', [[name] for name in MODELS], MARKER)
+  run['cases'] = {(c['model'], c['optimizer']): c for c in run['cases']}
+  return run
 
 
 def _describe(case: dict[str, Any]) -> str:

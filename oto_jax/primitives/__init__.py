@@ -1,7 +1,7 @@
 """The primitive registry: one :class:`PrimitiveEntry` per primitive, for every stage.
 
 Built-in entries live in the modules of this package, one per family (arithmetic, layout,
-reductions, contractions, indexing, misc). User entries come in two ways, through the same
+reductions, contractions, indexing, misc, collectives). User entries come in two ways, through the same
 type: per call (``oto_jax.zig_partition(..., rules={name: entry})``) or for the whole session
 (:func:`register_primitive`). A per-call entry wins over a session one, which wins over a
 built-in. A primitive without an entry blocks every axis it touches, with a reason that names
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from oto_jax.primitives import arithmetic, contractions, indexing, layout, misc, reductions
+from oto_jax.primitives import arithmetic, collectives, contractions, indexing, layout, misc, reductions
 from oto_jax.primitives.entry import (
   KEEP,
   NONE,
@@ -58,6 +58,7 @@ _BUILTIN: Mapping[str, PrimitiveEntry] = {
   **contractions.ENTRIES,
   **indexing.ENTRIES,
   **misc.ENTRIES,
+  **collectives.ENTRIES,
 }
 # Entries registered by the user for the session (register_primitive).
 _SESSION: dict[str, PrimitiveEntry] = {}

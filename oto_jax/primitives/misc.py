@@ -6,8 +6,7 @@ evaluator's ``take``), so a train-mode dropout mask on a pruned layer is exactly
 model's mask, sliced.
 
 The explicit blocks name primitives that mix the positions of the axes they touch (linear
-algebra, FFTs), run outside the program (host callbacks), or need a mesh the analysis does not
-model (collectives, which only appear inside ``shard_map``): every axis they touch is blocked
+algebra, FFTs) or run outside the program (host callbacks): every axis they touch is blocked
 with that reason, instead of the generic "unsupported primitive".
 """
 
@@ -39,9 +38,6 @@ _LINALG = (
   'symmetric_product'
 ).split()
 _CALLBACKS = 'pure_callback io_callback debug_callback debug_print ffi_call'.split()
-_COLLECTIVES = (
-  'psum pmax pmin ppermute all_gather all_to_all reduce_scatter ragged_all_to_all axis_index pbroadcast'
-).split()
 
 ENTRIES: dict[str, PrimitiveEntry] = {
   **{
@@ -68,8 +64,4 @@ ENTRIES: dict[str, PrimitiveEntry] = {
   **{name: blocked('linear algebra mixes the positions of its matrix axes') for name in _LINALG},
   'fft': blocked('a Fourier transform mixes the positions of its axes'),
   **{name: blocked('a host callback: its results cannot be sliced') for name in _CALLBACKS},
-  **{
-    name: blocked('a collective inside shard_map, whose bodies are not analysed yet', cost=free)
-    for name in _COLLECTIVES
-  },
 }

@@ -11,9 +11,9 @@ count: the two builds must agree with it, and with each other.
 Counting rules, in short: a channel / hidden unit / attention head produced by a layer and
 consumed by a contraction is one ZIG; a residual add or a shared consumer ties channels into
 one node group; the model's input and output axes, anything normalised by LayerNorm/RMSNorm
-and anything reduced over by other than a plain sum (a mean, a max) are never prunable; a channel shuffle's (groups, channels) view
-ties channel i of every group into one ZIG; a depthwise conv's channel is its input's ZIG, and
-a grouped conv gives one ZIG per group.
+and anything reduced over other than by a plain sum (a mean, a max) are never prunable; a
+channel shuffle's (groups, channels) view ties channel i of every group into one ZIG; a
+depthwise conv's channel is its input's ZIG, and a grouped conv gives one ZIG per group.
 
 Linen builds of models with BatchNorm are applied with ``train=False`` (a static argument the
 slim model must honour); NNX builds construct BatchNorm in eval mode.
