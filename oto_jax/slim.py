@@ -86,6 +86,10 @@ class SlimContext:
       self._kept[key] = self.axes.kept(self.axes.node(v, ax), self.keep)
     return self._kept[key]
 
+  def kept_axes(self, v: int) -> list:
+    """:meth:`kept` for every axis of ``v``."""
+    return [self.kept(v, ax) for ax in range(len(self.shape(v)))]
+
   def pruned(self, v: Any) -> bool:
     return not isinstance(v, Literal) and any(
       self.kept(v, ax) is not None for ax in range(len(self.shape(v)))

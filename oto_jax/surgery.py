@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oto_jax import native, slim
+from oto_jax import native, slicing, slim
 from oto_jax.errors import ShapeSpecificError, SurgeryError
 from oto_jax.ir import Program
 from oto_jax.partition import ZIGPartition
@@ -212,7 +212,7 @@ def _slice_tree(cut: slim.SlimContext, part: ZIGPartition, tree: Any) -> Any:
     for s in range(len(path)):
       by_suffix.setdefault(path[s:], []).append(k)
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  out = []
+  leaves, kept = [], []
   for key, leaf in flat:
     path = path_of(key)
     hit = None
@@ -221,18 +221,9 @@ def _slice_tree(cut: slim.SlimContext, part: ZIGPartition, tree: Any) -> Any:
       if len(cands) == 1:
         hit = cands[0]
         break
-    if hit is None:
-      out.append(leaf)
-    elif isinstance(leaf, np.ndarray):
-      out.append(cut.slice(variables[hit], leaf))
-    else:
-      v = variables[hit]
-      for ax in range(np.ndim(leaf)):
-        k = cut.kept(v, ax)
-        if k is not None:
-          leaf = jnp.take(leaf, jnp.asarray(k), axis=ax)
-      out.append(leaf)
-  return jax.tree_util.tree_unflatten(treedef, out)
+    leaves.append(leaf)
+    kept.append([None] * np.ndim(leaf) if hit is None else cut.kept_axes(variables[hit]))
+  return jax.tree_util.tree_unflatten(treedef, slicing.cut_leaves(leaves, kept))
 
 
 def construct_subnet(
@@ -289,12 +280,13 @@ def construct_subnet(
   for (p, leaf), want in zip(flat, partition.variable_shapes):
     if tuple(np.shape(leaf)) != want:
       raise ValueError(f'Variable {path_str(path_of(p))} has shape {tuple(np.shape(leaf))}, expected {want}.')
-  # All of the slicing happens on host copies: no device dispatch, nothing to compile.
-  host = jax.tree.map(np.asarray, jax.device_get(variables))
+  leaves = [leaf for _, leaf in flat]
+  if any(isinstance(x, jax.core.Tracer) for x in leaves):
+    raise ValueError('construct_subnet builds a program: call it outside jax.jit, on concrete variables.')
   drop = None if zig_ids is None else partition.zig_mask(zig_ids)
   if isinstance(drop, jax.core.Tracer):
-    raise ValueError('construct_subnet cuts on the host: zig_ids cannot be traced (call it outside jit).')
-  tainted = _nonfinite_zigs(partition, flat, host)
+    raise ValueError('construct_subnet cuts outside jit: zig_ids cannot be traced (call it outside jit).')
+  tainted = _nonfinite_zigs(partition, flat)
   if tainted is not None and not allow_nonfinite:
     raise SurgeryError(
       f'Variable {tainted[1]} holds NaN or inf: a slim model cut from it need not compute what the full '
@@ -302,8 +294,9 @@ def construct_subnet(
       'keep every ZIG whose entries are not finite.'
     )
   if drop is None:
-    # `== 0`, not `<= 0`: a NaN norm is not a zero ZIG.
-    drop = np.asarray(partition.zig_norms(host)) == 0
+    # `== 0`, not `<= 0`: a NaN norm is not a zero ZIG. The norms are computed where the
+    # variables are; only this vector comes to the host.
+    drop = np.asarray(partition.zig_norms(variables)) == 0
   if tainted is not None:
     kept_anyway = drop & tainted[0]
     if kept_anyway.any():
@@ -314,32 +307,32 @@ def construct_subnet(
         stacklevel=2,
       )
     drop = drop & ~tainted[0]
-  return _make(partition, ~np.asarray(drop, bool), jax.tree_util.tree_leaves(host), sliced=False)
+  return _make(partition, ~np.asarray(drop, bool), leaves, sliced=False)
 
 
-def _nonfinite_zigs(partition: ZIGPartition, flat: list, host: Any) -> tuple[np.ndarray, str] | None:
+def _finite_along(x: Any, axis: int | None) -> np.ndarray:
+  """Whether every entry of ``x`` is finite (per position of ``axis``), computed where ``x``
+  lives: only the answer comes to the host."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  ok = xp.isfinite(x)
+  ok = ok.all() if axis is None else ok.all(axis=tuple(a for a in range(x.ndim) if a != axis))
+  return np.asarray(ok)
+
+
+def _nonfinite_zigs(partition: ZIGPartition, flat: list) -> tuple[np.ndarray, str] | None:
   """(the ZIGs with a non-finite member or dependent entry, the first such leaf), or None."""
-  leaves = jax.tree_util.tree_leaves(host)
-  bad_leaf = next(
-    (
-      path_str(path_of(p))
-      for (p, _), x in zip(flat, leaves)
-      if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all()
-    ),
-    None,
-  )
+  inexact = [(p, x) for p, x in flat if np.issubdtype(x.dtype, np.inexact)]
+  bad_leaf = next((path_str(path_of(p)) for p, x in inexact if not _finite_along(x, None)), None)
   if bad_leaf is None:
     return None
-  by_path = dict(zip(partition.variable_paths, leaves))
+  by_path = {path_of(p): x for p, x in inexact}
   tainted = np.zeros((partition.num_zigs,), bool)
   for g in partition.prunable_groups:
     for e in g.members + g.dependents:
-      x = by_path[e.path]
-      if not np.issubdtype(x.dtype, np.inexact):
+      x = by_path.get(e.path)
+      if x is None:
         continue
-      other = tuple(a for a in range(x.ndim) if a != e.axis)
-      bad = ~np.isfinite(x).all(axis=other)
-      hit = e.index[bad & (e.index >= 0)]
+      hit = e.index[~_finite_along(x, e.axis) & (e.index >= 0)]
       tainted[hit + g.zig_offset] = True
   return tainted, bad_leaf
 
@@ -357,17 +350,20 @@ def _make(partition: ZIGPartition, keep: np.ndarray, leaves: list, *, sliced: bo
   keep = _complete(partition, keep)
   prog = partition._program()
   slim_prog, cut = slim.build(prog, partition.axes, keep)
-  if not sliced:
-    leaves = [cut.slice(v, np.asarray(x)) for v, x in zip(prog.variables, leaves)]
+  if sliced:
+    leaves = [np.asarray(x) for x in leaves]
+  else:
+    leaves = slicing.cut_leaves(leaves, [cut.kept_axes(v) for v in prog.variables])
   shapes = slim_prog.values.shapes
   for path, v, leaf in zip(partition.variable_paths, prog.variables, leaves):
     if tuple(np.shape(leaf)) != shapes[v]:
       raise ValueError(
         f'Slim variable {path_str(path)} has shape {tuple(np.shape(leaf))}, expected {shapes[v]}.'
       )
-  # Fresh host copies first: on CPU, device_put may alias a NumPy buffer, and an unsliced leaf would
-  # then share memory with the caller's array.
-  variables = jax.tree_util.tree_unflatten(prog.var_tree, jax.device_put([np.array(x) for x in leaves]))
+  # Host leaves go to the default device as fresh copies (on CPU, device_put may alias a NumPy
+  # buffer, which would then be the caller's); arrays stay where slicing left them.
+  leaves = [jax.device_put(np.array(x)) if isinstance(x, np.ndarray) else x for x in leaves]
+  variables = jax.tree_util.tree_unflatten(prog.var_tree, leaves)
   sig = slim_prog.signature
 
   def run(leaves: list, arrays: list) -> list:

@@ -65,33 +65,26 @@ def _edge_structure(ctx, eqn):
 SHARD_MAP_EDGE = PrimitiveEntry(_edge_structure, KEEP, cost=free, moves=same_axes)
 
 
-def _gather_structure(ctx, eqn):
-  # The shards stacked along `all_gather_dimension`: tiled, that axis becomes (devices, shard);
-  # untiled, a new devices axis appears there.
-  x, out = eqn.ins[0], eqn.outs[0]
-  d, n = eqn.params['all_gather_dimension'], eqn.params['axis_size']
-  tiled = eqn.params['tiled']
-  for ax in range(len(ctx.shape(x))):
+def _stacked(ctx, eqn, short, long, d: int) -> None:
+  """``long`` is every device's ``short`` stacked along axis ``d``: tiled, that axis becomes
+  (devices, shard); untiled, a new devices axis stands there."""
+  n, tiled = eqn.params['axis_size'], eqn.params['tiled']
+  for ax in range(len(ctx.shape(short))):
     if ax == d and tiled:
-      ctx.assign(out, d, PROD, [_devices(ctx, n, eqn), (x, d)], eqn)
+      ctx.assign(long, d, PROD, [_devices(ctx, n, eqn), (short, d)], eqn)
     else:
-      ctx.unite(x, ax, out, ax + (0 if tiled or ax < d else 1))
+      ctx.unite(short, ax, long, ax + (0 if tiled or ax < d else 1))
   if not tiled:
-    ctx.block_axis(out, d, Reason('the devices axis of an untiled `all_gather`', eqn), structural=True)
+    ctx.block_axis(long, d, Reason(f'the devices axis of an untiled `{eqn.name}`', eqn), structural=True)
+
+
+def _gather_structure(ctx, eqn):
+  _stacked(ctx, eqn, eqn.ins[0], eqn.outs[0], eqn.params['all_gather_dimension'])
 
 
 def _scatter_structure(ctx, eqn):
-  # The sum over devices, split along `scatter_dimension`: the inverse of a tiled gather.
-  x, out = eqn.ins[0], eqn.outs[0]
-  d, n = eqn.params['scatter_dimension'], eqn.params['axis_size']
-  tiled = eqn.params['tiled']
-  for ax in range(len(ctx.shape(x))):
-    if ax == d and tiled:
-      ctx.assign(x, d, PROD, [_devices(ctx, n, eqn), (out, d)], eqn)
-    elif ax == d:
-      ctx.block_axis(x, d, Reason('the devices axis of an untiled `reduce_scatter`', eqn), structural=True)
-    else:
-      ctx.unite(x, ax, out, ax - (1 if not tiled and ax > d else 0))
+  # The sum over devices, split along `scatter_dimension`: the inverse of a gather.
+  _stacked(ctx, eqn, eqn.outs[0], eqn.ins[0], eqn.params['scatter_dimension'])
 
 
 def _all_to_all_structure(ctx, eqn):

@@ -6,9 +6,10 @@ from oto_jax.axes import PROD
 from oto_jax.primitives.entry import NONE, CostTerm, PrimitiveEntry, Zero, all_axes
 
 
-def _dot_structure(ctx, eqn):
-  (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
-  lhs, rhs, out = eqn.ins[0], eqn.ins[1], eqn.outs[0]
+def _contract(ctx, lhs, rhs, out, numbers, skip=()) -> None:
+  """``dot_general``'s layout: contracted axes united pairwise; the result holds the batch
+  axes, then the lhs's free axes, then the rhs's (but for the rhs axes in ``skip``)."""
+  (lc, rc), (lb, rb) = numbers
   for a, b in zip(lc, rc):
     ctx.unite(lhs, a, rhs, b)
   pos = 0
@@ -16,11 +17,15 @@ def _dot_structure(ctx, eqn):
     ctx.unite(lhs, a, rhs, b)
     ctx.unite(lhs, a, out, pos)
     pos += 1
-  for x, used in ((lhs, set(lc) | set(lb)), (rhs, set(rc) | set(rb))):
+  for x, used in ((lhs, set(lc) | set(lb)), (rhs, set(rc) | set(rb) | set(skip))):
     for ax in range(len(ctx.shape(x))):
       if ax not in used:
         ctx.unite(x, ax, out, pos)
         pos += 1
+
+
+def _dot_structure(ctx, eqn):
+  _contract(ctx, eqn.ins[0], eqn.ins[1], eqn.outs[0], eqn.params['dimension_numbers'])
 
 
 def _dot_zero(eqn) -> Zero:
@@ -108,24 +113,13 @@ def _ragged_structure(ctx, eqn):
     ctx.block_all([lhs, rhs, out], '`ragged_dot_general` with a ragged contracting or batch axis', eqn)
     return
   (lc, rc), (lb, rb), _, group = numbers
-  for a, b in zip(lc, rc):
-    ctx.unite(lhs, a, rhs, b)
-  pos = 0
-  for a, b in zip(lb, rb):
-    ctx.unite(lhs, a, rhs, b)
-    ctx.unite(lhs, a, out, pos)
-    pos += 1
   # The group sizes assign runs of lhs rows to the experts in order: removing an expert would
   # hand its rows to the next one.
   why = 'the expert (group) axis of `ragged_dot_general`: its group sizes assign rows to experts'
   for ax in group:
     ctx.block_axis(rhs, ax, why, eqn)
   ctx.block_all([sizes], why, eqn)
-  for x, used in ((lhs, set(lc) | set(lb)), (rhs, set(rc) | set(rb) | set(group))):
-    for ax in range(len(ctx.shape(x))):
-      if ax not in used:
-        ctx.unite(x, ax, out, pos)
-        pos += 1
+  _contract(ctx, lhs, rhs, out, ((lc, rc), (lb, rb)), skip=group)
 
 
 def _ragged_zero(eqn) -> Zero:

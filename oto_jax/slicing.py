@@ -1,0 +1,125 @@
+"""Cutting variable leaves to the slim widths, wherever they live.
+
+One rule for every caller (:func:`~oto_jax.construct_subnet`, :meth:`Subnet.slice_like`,
+:func:`~oto_jax.plan_subnet`), by the kind of leaf:
+
+* **NumPy arrays and single-device CPU arrays** are cut on the host with NumPy (CPU device
+  memory is host memory: nothing to gain from a device program) and placed back where they
+  were.
+* **Other** ``jax.Array`` **s** (on an accelerator, or sharded over several devices, possibly
+  across processes) are cut on their devices, in one ``jax.jit`` program: no host round trip,
+  no gather onto one process; each process computes its addressable shards.
+* ``jax.ShapeDtypeStruct`` **s** are cut abstractly (planning without weights), and tracers
+  (inside the caller's ``jax.jit``) with ``jnp.take``.
+
+The slim leaf's sharding follows the full leaf's (:func:`slim_sharding`): a ``NamedSharding``
+keeps its ``PartitionSpec`` entry on every axis whose slim length its mesh axes still divide,
+and that axis is replicated otherwise (its other axes keep their entries); a single-device
+sharding stays on its device; any other sharding is left to the compiler to propagate.
+A leaf with nothing removed is returned as is (arrays are immutable).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+
+def slim_sharding(sharding: Any, shape: Sequence[int]) -> Any:
+  """The sharding of a slim leaf of ``shape`` cut from a leaf with ``sharding``.
+
+  .. math::
+    \\text{spec}'_a = \\begin{cases} \\text{spec}_a & n_a \\bmod \\prod_{m \\in \\text{spec}_a}
+    |m| = 0 \\\\ \\text{None} & \\text{otherwise} \\end{cases}
+
+  Args:
+    sharding: the full leaf's sharding (or None).
+    shape: the slim leaf's shape.
+
+  Returns:
+    A sharding for the slim leaf, or None to let ``jax.jit`` choose.
+
+  Example::
+
+    full = NamedSharding(mesh, P(None, 'model'))      # a (512, 2048) kernel over 8 devices
+    slim_sharding(full, (512, 1024))                  # P(None, 'model'): 1024 / 8 divides
+    slim_sharding(full, (512, 1001))                  # P(None, None): replicated
+  """
+  if isinstance(sharding, SingleDeviceSharding):
+    return sharding
+  if not isinstance(sharding, NamedSharding):
+    return None
+  sizes = sharding.mesh.shape
+  spec = []
+  for ax, n in enumerate(shape):
+    entry = sharding.spec[ax] if ax < len(sharding.spec) else None
+    names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+    spec.append(entry if n % math.prod(sizes[m] for m in names) == 0 else None)
+  return NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
+
+
+def _take(x: Any, ks: Sequence[np.ndarray | None]) -> Any:
+  for ax, k in enumerate(ks):
+    if k is not None:
+      x = jnp.take(x, np.asarray(k, np.int32), axis=ax)
+  return x
+
+
+def _on_host(leaf: Any) -> bool:
+  if not isinstance(leaf, jax.Array):
+    return True
+  devices = leaf.sharding.device_set
+  return len(devices) == 1 and next(iter(devices)).platform == 'cpu'
+
+
+def cut_leaves(leaves: Sequence[Any], kept: Sequence[Sequence[np.ndarray | None]]) -> list:
+  """Each leaf with, along each axis, only the positions in ``kept`` (None: the whole axis).
+
+  Args:
+    leaves: NumPy arrays, ``jax.Array`` s or ``jax.ShapeDtypeStruct`` s.
+    kept: per leaf, per axis, the positions that survive (None keeps the axis).
+
+  Returns:
+    The cut leaves, each of the kind it came as (see the module docstring for where).
+  """
+  out: list = list(leaves)
+  on_device = []
+  for i, (leaf, ks) in enumerate(zip(leaves, kept)):
+    if all(k is None for k in ks):
+      continue
+    shape = tuple(len(k) if k is not None else n for k, n in zip(ks, np.shape(leaf)))
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      out[i] = jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=slim_sharding(leaf.sharding, shape))
+    elif isinstance(leaf, jax.core.Tracer):  # inside the caller's jit: its shardings apply
+      out[i] = _take(leaf, ks)
+    elif _on_host(leaf):
+      x = np.asarray(leaf)
+      for ax, k in enumerate(ks):
+        if k is not None:
+          x = np.take(x, k, axis=ax)
+      if isinstance(leaf, jax.Array):
+        # A fresh array (device_put may alias a NumPy buffer on CPU), committed to its device
+        # only if the full leaf was: an uncommitted one may join a computation anywhere.
+        x = jax.device_put(np.array(x), leaf.sharding if leaf.committed else None)
+      out[i] = x
+    else:
+      on_device.append(i)
+  if on_device:
+    shardings = []
+    for i in on_device:
+      shape = tuple(len(k) if k is not None else n for k, n in zip(kept[i], np.shape(leaves[i])))
+      shardings.append(slim_sharding(leaves[i].sharding, shape))
+
+    def cut(xs):
+      return [_take(x, kept[i]) for x, i in zip(xs, on_device)]
+
+    cuts = jax.jit(cut, out_shardings=shardings)([leaves[i] for i in on_device])
+    for i, x in zip(on_device, cuts):
+      out[i] = x
+  return out
