@@ -25,7 +25,7 @@ from oto_jax.primitives import (
   unregister_primitive,
 )
 from oto_jax.segments import ZIGSegments
-from oto_jax.surgery import Subnet, SubnetReport, construct_subnet
+from oto_jax.surgery import Subnet, SubnetPlan, SubnetReport, construct_subnet, plan_subnet
 from oto_jax.transforms import (
   GroupLassoState,
   HalfSpaceState,
@@ -57,6 +57,7 @@ __all__ = [
   'Program',
   'ShapeSpecificError',
   'Subnet',
+  'SubnetPlan',
   'SubnetReport',
   'SurgeryError',
   'ZIGPartition',
@@ -78,6 +79,7 @@ __all__ = [
   'hspg',
   'load_subnet',
   'params_budget',
+  'plan_subnet',
   'prox_sg',
   'register_primitive',
   'registered_primitives',

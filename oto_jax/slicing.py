@@ -8,7 +8,9 @@ One rule for every caller (:func:`~oto_jax.construct_subnet`, :meth:`Subnet.slic
   were.
 * **Other** ``jax.Array`` **s** (on an accelerator, or sharded over several devices, possibly
   across processes) are cut on their devices, in one ``jax.jit`` program: no host round trip,
-  no gather onto one process; each process computes its addressable shards.
+  no gather onto one process; each process computes its addressable shards. A leaf whose
+  every device keeps the same number of positions of its shard is cut shard by shard, with
+  no communication at all.
 * ``jax.ShapeDtypeStruct`` **s** are cut abstractly (planning without weights), and tracers
   (inside the caller's ``jax.jit``) with ``jnp.take``.
 
@@ -71,6 +73,70 @@ def _take(x: Any, ks: Sequence[np.ndarray | None]) -> Any:
   return x
 
 
+def _mesh_axes(entry: Any) -> tuple:
+  return () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+
+
+def _gather(x: Any, sharding: NamedSharding, ks: Sequence[np.ndarray | None]) -> Any:
+  """The compiler's gather, axis by axis; on a mesh of explicit axes each step names its
+  result's sharding (the rule's), which such meshes require."""
+  explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(sharding.mesh, 'axis_types', ()))
+  shape = list(x.shape)
+  for ax, k in enumerate(ks):
+    if k is None:
+      continue
+    shape[ax] = len(k)
+    index = (slice(None),) * ax + (np.asarray(k, np.int32),)
+    if explicit:
+      x = x.at[index].get(out_sharding=slim_sharding(sharding, shape))
+    else:
+      x = jnp.take(x, np.asarray(k, np.int32), axis=ax)
+  return x
+
+
+def _cut_on_device(x: Any, sharding: Any, ks: Sequence[np.ndarray | None]) -> Any:
+  """``x`` (traced inside a jit, with ``sharding``) cut along every axis; a NamedSharding cut
+  shard by shard.
+
+  When every device keeps as many positions of its shard along each cut axis (a balanced
+  cut), each device cuts its own shard with its own indices (a ``shard_map``): nothing moves
+  between devices and the result keeps the PartitionSpec. Otherwise the compiler's gather
+  does it, which may copy a sharded axis to every device first (up to devices × the leaf,
+  transiently).
+  """
+  if not isinstance(sharding, NamedSharding):
+    return _take(x, ks)
+  mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  tables = []
+  for ax, k in enumerate(ks):
+    names = _mesh_axes(spec[ax])
+    n = math.prod(mesh.shape[m] for m in names)
+    if k is None or n == 1:
+      tables.append(None if k is None else (names, np.asarray(k, np.int32)[None]))
+      continue
+    length = x.shape[ax] // n
+    counts = np.bincount(np.asarray(k) // length, minlength=n)
+    if counts.min() != counts.max():
+      return _gather(x, sharding, ks)
+    local = np.asarray(k, np.int32).reshape(n, -1) - (np.arange(n, dtype=np.int32) * length)[:, None]
+    tables.append((names, local))
+
+  def body(shard):
+    for ax, table in enumerate(tables):
+      if table is None:
+        continue
+      names, local = table
+      # This device's position along the mesh axes that split the axis (major first).
+      row = 0
+      for m in names:
+        row = row * mesh.shape[m] + jax.lax.axis_index(m)
+      shard = jnp.take(shard, jnp.asarray(local)[row], axis=ax)
+    return shard
+
+  pspec = PartitionSpec(*spec)
+  return jax.shard_map(body, mesh=mesh, in_specs=(pspec,), out_specs=pspec, check_vma=False)(x)
+
+
 def _on_host(leaf: Any) -> bool:
   if not isinstance(leaf, jax.Array):
     return True
@@ -117,7 +183,7 @@ def cut_leaves(leaves: Sequence[Any], kept: Sequence[Sequence[np.ndarray | None]
       shardings.append(slim_sharding(leaves[i].sharding, shape))
 
     def cut(xs):
-      return [_take(x, kept[i]) for x, i in zip(xs, on_device)]
+      return [_cut_on_device(x, leaves[i].sharding, kept[i]) for x, i in zip(xs, on_device)]
 
     cuts = jax.jit(cut, out_shardings=shardings)([leaves[i] for i in on_device])
     for i, x in zip(on_device, cuts):

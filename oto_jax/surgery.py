@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oto_jax import native, slicing, slim
+from oto_jax import budgets, native, slicing, slim
+from oto_jax.budgets import Budget
 from oto_jax.errors import ShapeSpecificError, SurgeryError
 from oto_jax.ir import Program
 from oto_jax.partition import ZIGPartition
@@ -193,16 +194,19 @@ class Subnet:
 
   def report(self) -> SubnetReport:
     """Full vs slim FLOPs, parameters and per-node-group widths."""
-    part, keep = self.partition, self.keep
-    widths = tuple(
-      (part.producer(g), g.size, int(keep[g.zig_offset : g.zig_offset + g.size].sum()))
-      for g in part.prunable_groups
-    )
-    return SubnetReport(
-      flops=(part.flops.total, part.flops.evaluate(keep)),
-      params=(part.params.total, part.params.evaluate(keep)),
-      widths=widths,
-    )
+    return _report(self.partition, self.keep)
+
+
+def _report(part: ZIGPartition, keep: np.ndarray) -> SubnetReport:
+  widths = tuple(
+    (part.producer(g), g.size, int(keep[g.zig_offset : g.zig_offset + g.size].sum()))
+    for g in part.prunable_groups
+  )
+  return SubnetReport(
+    flops=(part.flops.total, part.flops.evaluate(keep)),
+    params=(part.params.total, part.params.evaluate(keep)),
+    widths=widths,
+  )
 
 
 def _slice_tree(cut: slim.SlimContext, part: ZIGPartition, tree: Any) -> Any:
@@ -375,6 +379,103 @@ def _make(partition: ZIGPartition, keep: np.ndarray, leaves: list, *, sliced: bo
   in_specs = [jax.ShapeDtypeStruct(x.sym, x.dtype) for x in sig.arrays]
   jaxpr = jax.make_jaxpr(lambda v, a: slim.evaluate(slim_prog, v, a, None, check=True))(var_specs, in_specs)
   return Subnet(partition, keep, variables, slim_prog, jaxpr, cut, jax.jit(run))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SubnetPlan:
+  """A slim model planned without weights (:func:`plan_subnet`).
+
+  Attributes:
+    keep: bool ``[num_zigs]``: the ZIGs that remain.
+    variables: the slim variables as ``jax.ShapeDtypeStruct`` s, with the slim shardings when
+      the full variables had shardings.
+    report: full vs slim FLOPs, parameters and widths.
+  """
+
+  keep: np.ndarray
+  variables: Any
+  report: SubnetReport
+
+
+def plan_subnet(
+  partition: ZIGPartition, variables: Any = None, *, zig_ids: Any = None, budget: Budget | None = None
+) -> SubnetPlan:
+  """The slim model's shapes, shardings, FLOPs and parameters, without its weights.
+
+  .. math::
+    \\text{keep} = \\arg\\max_{K} |K| \\ \\text{s.t.}\\ \\text{cost}(K) \\le \\text{fraction}
+    \\cdot \\text{cost}(\\text{all}),\\quad \\text{the same share removed from every node group}
+
+  Plans a pruning on a laptop for a model that does not fit it: analyse it with abstract
+  variables (``jax.eval_shape`` of its init), then ask what a keep mask or a budget gives.
+  A budget removes the same share of every node group (the first ZIGs of each, as no weights
+  say which matter) until the FLOPs or parameters fit; each group keeps one ZIG at least.
+
+  Args:
+    partition: the full model's partition.
+    variables: the full variables (``jax.ShapeDtypeStruct`` s or arrays), for their dtypes
+      and shardings; default: the analysed shapes and dtypes, without shardings.
+    zig_ids: the ZIGs to remove (ids or a boolean mask, :meth:`ZIGPartition.zig_mask`).
+    budget: instead, what the slim model must meet (:func:`oto_jax.flops_budget`,
+      :func:`oto_jax.params_budget`, or a ZIG count); one it cannot meet (what no ZIG
+      carries stays) gives the smallest slim model, with a warning.
+
+  Returns:
+    A :class:`SubnetPlan`; its ``variables`` have the shapes :func:`construct_subnet` gives.
+
+  Example::
+
+    abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    part = oto_jax.zig_partition(model.apply, abstract, tokens)
+    plan = oto_jax.plan_subnet(part, abstract, budget=oto_jax.flops_budget(0.5))
+    print(plan.report)
+
+  References:
+    Chen et al., *OTOv3: Automatic Architecture-Agnostic Neural Network Training and
+    Compression from Structured Pruning to Erasing Operators* (arXiv 2312.09411), section 4.
+  """
+  if zig_ids is not None and budget is not None:
+    raise ValueError('plan_subnet takes zig_ids or a budget, not both.')
+  n = partition.num_zigs
+  if budget is not None:
+    of_zig, starts, sizes = budgets.group_layout(partition)
+    # Position within the group over its size: every group is cut at the same share.
+    key = jnp.asarray((np.arange(n) - starts[of_zig] + 0.5) / np.maximum(sizes[of_zig], 1), jnp.float32)
+    allowed = budgets.eligible(partition, key, min_keep=1)
+    removed = budgets.select(budget, partition, key, jnp.zeros(n, bool), allowed, jnp.float32(1.0))
+    drop = np.asarray(removed)
+    if budget.kind != 'zigs':
+      model = partition.flops if budget.kind == 'flops' else partition.params
+      least = model.evaluate(~drop)
+      if least > float(budget.fraction) * model.total * (1 + 1e-6):
+        warnings.warn(
+          f'plan_subnet cannot meet the {budget.kind} budget of {float(budget.fraction):.1%}: with one '
+          f'ZIG left in every node group the slim model keeps {least / model.total:.1%}.',
+          stacklevel=2,
+        )
+  else:
+    drop = np.zeros(n, bool) if zig_ids is None else partition.zig_mask(zig_ids)
+  keep = _complete(partition, ~np.asarray(drop, bool))
+  prog = partition._program()
+  _, cut = slim.build(prog, partition.axes, keep)
+  if variables is None:
+    full = [
+      jax.ShapeDtypeStruct(s, prog.values.dtypes[v])
+      for s, v in zip(partition.variable_shapes, prog.variables)
+    ]
+  else:
+    full = [
+      x
+      if isinstance(x, jax.ShapeDtypeStruct)
+      else jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, 'sharding', None))
+      for x in jax.tree_util.tree_leaves(variables)
+    ]
+    if len(full) != len(prog.variables):
+      raise ValueError(
+        f'plan_subnet got {len(full)} variable leaves; the partition has {len(prog.variables)}.'
+      )
+  slim_leaves = slicing.cut_leaves(full, [cut.kept_axes(v) for v in prog.variables])
+  return SubnetPlan(keep, jax.tree_util.tree_unflatten(prog.var_tree, slim_leaves), _report(partition, keep))
 
 
 def construct_subnet_from_keep(partition: ZIGPartition, keep: np.ndarray, slim_leaves: list) -> Subnet:

@@ -696,3 +696,52 @@ def test_save_subnet_nnx(tmp_path):
   _assert_close(_forward(name)(zeroed), exported.apply(exported.variables, *case.args), name)
   restored = oto_jax.load_subnet(str(tmp_path / 's'), part)
   _assert_close(_forward(name)(zeroed), restored.apply(restored.variables, *case.args), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning without weights.
+
+
+@pytest.mark.parametrize('name', ['linen/llama', 'nnx/resnet_basic', 'linen/moe_dense'])
+def test_plan_matches_the_subnet_it_plans(name: str):
+  """plan_subnet on abstract variables gives construct_subnet's shapes, dtypes and report."""
+  case, part = _case(name), _partition(name)
+  ids = common.random_zig_subsets(part, seed=4)[0]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), case.variables)
+  plan = oto_jax.plan_subnet(part, abstract, zig_ids=ids)
+  subnet = oto_jax.construct_subnet(part, part.zero(case.variables, ids), zig_ids=ids)
+  chex.assert_trees_all_equal_shapes_and_dtypes(plan.variables, subnet.variables)
+  np.testing.assert_array_equal(plan.keep, subnet.keep)
+  assert plan.report.to_dict() == subnet.report().to_dict()
+  # Without variables: the analysed shapes and dtypes.
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+    oto_jax.plan_subnet(part, zig_ids=ids).variables, plan.variables
+  )
+
+
+@pytest.mark.parametrize('kind, fraction', [('flops', 0.5), ('params', 0.6), ('zigs', 0.4)])
+def test_plan_meets_a_budget_by_the_same_share_of_every_group(kind: str, fraction: float):
+  part = _partition('linen/llama')
+  budget = oto_jax.Budget(kind, fraction)
+  plan = oto_jax.plan_subnet(part, budget=budget)
+  report = plan.report
+  if kind == 'zigs':
+    assert (~plan.keep).sum() == int(fraction * part.num_zigs)
+  else:
+    full, slim = report.flops if kind == 'flops' else report.params
+    assert slim <= fraction * full + 1e-6 * full
+  # Uniform: any two groups' kept shares differ by at most one ZIG of each.
+  for _, a, b in report.widths:
+    for _, c, d in report.widths:
+      assert abs(b / a - d / c) <= 1 / a + 1 / c + 1e-9, report.widths
+  assert all(b >= 1 for _, _, b in report.widths)
+  with pytest.raises(ValueError, match='not both'):
+    oto_jax.plan_subnet(part, zig_ids=[0], budget=budget)
+
+
+def test_plan_warns_when_the_budget_is_out_of_reach():
+  # The embedding, the norms and the head are in no ZIG: 10% of the parameters is too few.
+  part = _partition('linen/llama')
+  with pytest.warns(UserWarning, match=r'cannot meet the params budget of 10\.0%.*keeps \d+\.\d%'):
+    plan = oto_jax.plan_subnet(part, budget=oto_jax.params_budget(0.1))
+  assert all(b == 1 for _, _, b in plan.report.widths)
