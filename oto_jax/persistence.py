@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from oto_jax.errors import ShapeSpecificError
 from oto_jax.ir import is_symbolic
@@ -152,8 +153,9 @@ def _check_exported_call(exported: jax.export.Exported, leaves: list, args: tupl
 def save_subnet(directory: str, subnet: Subnet, *args: Any, **kwargs: Any) -> None:
   """Saves the slim variables (Orbax), the removed ZIGs and the exported ``apply``.
 
-  In a multi-process run, call it on every process with the same subnet: Orbax synchronises
-  them, and process 0 writes the files.
+  Sharded variables are written shard by shard: in a multi-process run, call it on every
+  process with the same subnet; each process writes the shards it holds (Orbax synchronises
+  them, and nothing is gathered onto one host), and process 0 writes the other files.
 
   Args:
     directory: a new or empty directory.
@@ -165,27 +167,29 @@ def save_subnet(directory: str, subnet: Subnet, *args: Any, **kwargs: Any) -> No
 
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
-  # Host copies: each process holds the whole slim model on its own devices, and NumPy leaves
-  # are what Orbax writes once, from the primary process.
-  leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(subnet.variables)]
+  leaves = jax.tree_util.tree_leaves(subnet.variables)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(directory, 'variables'), _as_dict(leaves))
-  if jax.process_index() != 0:
-    return
-  exported = export_subnet(subnet, *args, **kwargs)
-  with open(os.path.join(directory, 'apply.stablehlo'), 'wb') as f:
-    f.write(exported.serialize())
-  meta = {
-    'format': _FORMAT,
-    'num_zigs': int(subnet.keep.shape[0]),
-    'removed_zig_ids': [int(i) for i in subnet.removed_zig_ids],
-    'num_leaves': len(leaves),
-  }
-  with open(os.path.join(directory, 'subnet.json'), 'w') as f:
-    json.dump(meta, f, indent=1)
+  if jax.process_index() == 0:
+    exported = export_subnet(subnet, *args, **kwargs)
+    with open(os.path.join(directory, 'apply.stablehlo'), 'wb') as f:
+      f.write(exported.serialize())
+    meta = {
+      'format': _FORMAT,
+      'num_zigs': int(subnet.keep.shape[0]),
+      'removed_zig_ids': [int(i) for i in subnet.removed_zig_ids],
+      'num_leaves': len(leaves),
+    }
+    with open(os.path.join(directory, 'subnet.json'), 'w') as f:
+      json.dump(meta, f, indent=1)
+  if jax.process_count() > 1:
+    # Every process returns once the whole subnet is on disk (a restore may follow at once).
+    multihost_utils.sync_global_devices('oto_jax.save_subnet')
 
 
-def load_subnet(directory: str, partition: ZIGPartition | None = None) -> Subnet | ExportedSubnet:
+def load_subnet(
+  directory: str, partition: ZIGPartition | None = None, *, shardings: Any = None
+) -> Subnet | ExportedSubnet:
   """Restores what :func:`save_subnet` wrote.
 
   Args:
@@ -194,6 +198,10 @@ def load_subnet(directory: str, partition: ZIGPartition | None = None) -> Subnet
       abstract variables if you like). With it the result is a :class:`~oto_jax.Subnet`
       (``slice_like``, ``report``); without it, an :class:`ExportedSubnet` that runs the
       exported StableHLO (at any batch size when it was exported with a symbolic one).
+    shardings: where the variables go: one ``jax.sharding.Sharding`` for every leaf, or one
+      per leaf (a list in ``tree_leaves`` order, or a tree shaped like the slim variables,
+      e.g. ``plan_subnet(...).variables``' shardings). Each process then reads only the
+      shards it holds. Default: the default device.
 
   Returns:
     A :class:`~oto_jax.Subnet` or an :class:`ExportedSubnet`.
@@ -212,8 +220,21 @@ def load_subnet(directory: str, partition: ZIGPartition | None = None) -> Subnet
     meta = json.load(f)
   with open(os.path.join(directory, 'apply.stablehlo'), 'rb') as f:
     exported = jax.export.deserialize(bytearray(f.read()))
+  path = os.path.join(directory, 'variables')
   with ocp.StandardCheckpointer() as ckpt:
-    raw = ckpt.restore(os.path.join(directory, 'variables'))
+    if shardings is None:
+      raw = ckpt.restore(path)
+    else:
+      stored = ckpt.metadata(path)
+      stored = getattr(stored, 'item_metadata', stored)
+      targets = _per_leaf(shardings, meta['num_leaves'])
+      raw = ckpt.restore(
+        path,
+        {
+          _key(i): jax.ShapeDtypeStruct(stored[_key(i)].shape, stored[_key(i)].dtype, sharding=sh)
+          for i, sh in enumerate(targets)
+        },
+      )
   leaves = [raw[_key(i)] for i in range(meta['num_leaves'])]
   removed = np.asarray(meta['removed_zig_ids'], np.int64)
   if partition is None:
@@ -228,12 +249,23 @@ def load_subnet(directory: str, partition: ZIGPartition | None = None) -> Subnet
   return construct_subnet_from_keep(partition, keep, leaves)
 
 
+def _per_leaf(shardings: Any, n: int) -> list:
+  """One sharding per leaf from a single sharding, a list, or a tree of shardings or arrays."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    return [shardings] * n
+  leaves = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  leaves = [x if isinstance(x, jax.sharding.Sharding) else x.sharding for x in leaves]
+  if len(leaves) != n:
+    raise ValueError(f'load_subnet got {len(leaves)} shardings for {n} variable leaves.')
+  return leaves
+
+
 def _key(i: int) -> str:
   return f'leaf_{i:06d}'
 
 
 def _as_dict(leaves: list) -> dict:
-  return {_key(i): np.asarray(x) for i, x in enumerate(leaves)}
+  return {_key(i): x if isinstance(x, jax.Array) else np.asarray(x) for i, x in enumerate(leaves)}
 
 
 def _abstract(x):

@@ -355,7 +355,7 @@ def _make(partition: ZIGPartition, keep: np.ndarray, leaves: list, *, sliced: bo
   prog = partition._program()
   slim_prog, cut = slim.build(prog, partition.axes, keep)
   if sliced:
-    leaves = [np.asarray(x) for x in leaves]
+    leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for x in leaves]
   else:
     leaves = slicing.cut_leaves(leaves, [cut.kept_axes(v) for v in prog.variables])
   shapes = slim_prog.values.shapes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,8 +21,11 @@ NUM_DEVICES = 8
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_workers(module: str, arg_lists: list[list[str]], marker: str, timeout: float = 600) -> dict[str, Any]:
-  """Runs ``python -m module *args`` once per entry of ``arg_lists``, side by side.
+def run_workers(
+  module: str, arg_lists: list[list[str]], marker: str, timeout: float = 600, num_devices: int = NUM_DEVICES
+) -> dict[str, Any]:
+  """Runs ``python -m module *args`` once per entry of ``arg_lists``, side by side, each with
+  ``num_devices`` host CPU devices.
 
   Returns:
     ``returncodes``, ``cases`` (every JSON object printed after ``marker``, in order),
@@ -30,7 +34,7 @@ def run_workers(module: str, arg_lists: list[list[str]], marker: str, timeout: f
   env = dict(os.environ)
   # LLVM's optimisation level 0 roughly halves the compile time of small programs; every
   # configuration a worker compares is compiled alike.
-  flags = f'--xla_force_host_platform_device_count={NUM_DEVICES} --xla_backend_optimization_level=0'
+  flags = f'--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0'
   env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {flags}'.strip()
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get('PYTHONPATH')) if p)
@@ -62,3 +66,10 @@ def run_workers(module: str, arg_lists: list[list[str]], marker: str, timeout: f
     'stderr': '\n'.join(stderr),
     'seconds': time.perf_counter() - t0,
   }
+
+
+def free_port() -> int:
+  """A TCP port free on this machine now (for a multi-process coordinator)."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]

@@ -9,7 +9,10 @@ balanced (every device keeps as many of its units), one unbalanced but still div
 and one not divisible (replicated by the rule). The worker compares the slim variables,
 their shardings, the slim model's output, ``Subnet.slice_like`` of an Adam state and
 ``plan_subnet`` with the one-device results and :func:`oto_jax.slicing.slim_sharding`'s rule;
-the ``memory`` worker runs ``experiments/bench_scale.py``'s 1 GB cut.
+the ``memory`` worker runs ``experiments/bench_scale.py``'s 1 GB cut. Two more workers form
+one JAX job of 2 processes × 4 devices (Gloo collectives): each cuts its own shards, both save
+the slim model with Orbax into one directory (each process its shards) and restore it onto
+the same shardings.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.multidevice import NUM_DEVICES, run_workers
+from tests.multidevice import NUM_DEVICES, free_port, run_workers
 
 MARKER = 'SHARDED_SURGERY_CASE '
 MODES = ('auto', 'explicit')
@@ -43,11 +46,22 @@ def _ids_to_remove(part) -> np.ndarray:
   return np.concatenate([balanced, odd, unbalanced])
 
 
+def _fsdp(mesh, leaf):
+  """``leaf``'s sharding over the mesh's one axis: its largest axis that the mesh divides."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  axes = [a for a in np.argsort(leaf.shape)[::-1] if leaf.shape[a] % NUM_DEVICES == 0]
+  spec = [None] * leaf.ndim
+  if axes:
+    spec[axes[0]] = 'fsdp'
+  return NamedSharding(mesh, P(*spec))
+
+
 def _run_mode(mode: str) -> dict[str, Any]:
   import jax
   import optax
-  from jax.sharding import AxisType, NamedSharding
-  from jax.sharding import PartitionSpec as P
+  from jax.sharding import AxisType
 
   import oto_jax
   from oto_jax.slicing import slim_sharding
@@ -57,15 +71,7 @@ def _run_mode(mode: str) -> dict[str, Any]:
   mesh = jax.make_mesh((NUM_DEVICES,), ('fsdp',), axis_types=(axis_type,))
   case = models.CASES['linen/llama']()
   host = jax.tree.map(np.asarray, case.variables)
-
-  def fsdp(leaf):
-    axes = [a for a in np.argsort(leaf.shape)[::-1] if leaf.shape[a] % NUM_DEVICES == 0]
-    spec = [None] * leaf.ndim
-    if axes:
-      spec[axes[0]] = 'fsdp'
-    return NamedSharding(mesh, P(*spec))
-
-  shardings = jax.tree.map(fsdp, host)
+  shardings = jax.tree.map(lambda x: _fsdp(mesh, x), host)
   part = oto_jax.zig_partition(case.apply_fn, host, *case.args)
   ids = _ids_to_remove(part)
   zeroed_host = part.zero(host, ids)
@@ -128,14 +134,63 @@ def _run_mode(mode: str) -> dict[str, Any]:
   }
 
 
-def _worker(mode: str) -> int:
+def _run_process(pid: int, port: int, directory: str) -> dict[str, Any]:
+  """Process ``pid`` of 2 (4 devices each): cut, save and restore a sharded slim model."""
+  import jax
+  from jax.sharding import AxisType
+
+  import oto_jax
+  from tests.zoo import models
+
+  mesh = jax.make_mesh((NUM_DEVICES,), ('fsdp',), axis_types=(AxisType.Auto,))
+  case = models.CASES['linen/llama']()
+  host = jax.tree.map(np.asarray, case.variables)
+  part = oto_jax.zig_partition(case.apply_fn, host, *case.args)
+  ids = _ids_to_remove(part)
+  zeroed_host = jax.tree.map(np.asarray, part.zero(host, ids))
+  # Global arrays from each process's own shards (both hold the small model on the host).
+  zeroed = jax.tree.map(
+    lambda x: jax.make_array_from_callback(x.shape, _fsdp(mesh, x), lambda index: x[index]), zeroed_host
+  )
+  subnet = oto_jax.construct_subnet(part, zeroed, zig_ids=ids)
+  ref = jax.tree.leaves(oto_jax.construct_subnet(part, zeroed_host, zig_ids=ids).variables)
+
+  def shards_equal(leaves) -> bool:
+    return all(
+      np.array_equal(np.asarray(s.data), np.asarray(r)[s.index])
+      for x, r in zip(leaves, ref)
+      for s in x.addressable_shards
+    )
+
+  slim = jax.tree.leaves(subnet.variables)
+  oto_jax.save_subnet(directory, subnet)
+  restored = jax.tree.leaves(oto_jax.load_subnet(directory, part, shardings=subnet.variables).variables)
+  return {
+    'mode': f'process{pid}',
+    'devices': jax.device_count(),
+    'local_devices': jax.local_device_count(),
+    'cut_shards_equal': shards_equal(slim),
+    'sharded_leaves': sum(not x.sharding.is_fully_replicated for x in slim),
+    'restored_shards_equal': shards_equal(restored),
+    'restored_shardings_same': all(
+      a.sharding.is_equivalent_to(b.sharding, a.ndim) for a, b in zip(restored, slim)
+    ),
+  }
+
+
+def _worker(mode: str, *rest: str) -> int:
   import jax
 
+  if mode == 'process':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(f'localhost:{rest[1]}', num_processes=2, process_id=int(rest[0]))
   if jax.device_count() < NUM_DEVICES:
     print(f'need {NUM_DEVICES} devices, have {jax.devices()}; set XLA_FLAGS', file=sys.stderr)
     return 2
   try:
-    if mode == 'memory':
+    if mode == 'process':
+      case = _run_process(int(rest[0]), int(rest[1]), rest[2])
+    elif mode == 'memory':
       from experiments.bench_scale import _cut
 
       case = {'mode': mode, **_cut()}
@@ -145,7 +200,8 @@ def _worker(mode: str) -> int:
     import traceback
 
     traceback.print_exc()
-    case = {'mode': mode, 'error': f'{type(e).__name__}: {e}'[:3000]}
+    name = f'process{rest[0]}' if mode == 'process' else mode
+    case = {'mode': name, 'error': f'{type(e).__name__}: {e}'[:3000]}
   print(MARKER + json.dumps(case), flush=True)
   return 0
 
@@ -195,5 +251,23 @@ def test_cutting_a_sharded_model_does_not_gather_it(report):
   assert case['sharded_slim_leaves'] == case['slim_leaves'] - 1, case  # all but the replicated head
 
 
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory) -> dict[str, Any]:
+  directory, port = str(tmp_path_factory.mktemp('multiprocess') / 'subnet'), str(free_port())
+  args = [['process', str(pid), port, directory] for pid in (0, 1)]
+  # A process whose peer failed waits for it at shutdown: a shorter timeout than the others.
+  run = run_workers('tests.test_sharded_surgery', args, MARKER, timeout=300, num_devices=NUM_DEVICES // 2)
+  run['cases'] = {c['mode']: c for c in run['cases']}
+  return run
+
+
+@pytest.mark.parametrize('pid', [0, 1])
+def test_two_processes_cut_save_and_restore_their_shards(two_processes, pid: int):
+  case = _case(two_processes, f'process{pid}')
+  assert (case['devices'], case['local_devices']) == (NUM_DEVICES, NUM_DEVICES // 2), case
+  assert case['cut_shards_equal'] and case['sharded_leaves'] > 0, case
+  assert case['restored_shards_equal'] and case['restored_shardings_same'], case
+
+
 if __name__ == '__main__':
-  sys.exit(_worker(sys.argv[1]))
+  sys.exit(_worker(*sys.argv[1:]))
