@@ -265,7 +265,17 @@ def _key(i: int) -> str:
 
 
 def _as_dict(leaves: list) -> dict:
-  return {_key(i): x if isinstance(x, jax.Array) else np.asarray(x) for i, x in enumerate(leaves)}
+  # Arrays go to Orbax as they are (each process writes its shards), except the host-local
+  # arrays of a multi-process run (each process's own copy of a small model), which Orbax
+  # takes as NumPy and writes once.
+  multi = jax.process_count() > 1
+
+  def leaf(x):
+    if isinstance(x, jax.Array) and not (multi and x.is_fully_addressable):
+      return x
+    return np.asarray(x)
+
+  return {_key(i): leaf(x) for i, x in enumerate(leaves)}
 
 
 def _abstract(x):
