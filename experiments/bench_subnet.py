@@ -3,9 +3,11 @@
 1. VGG16-BN on CIFAR shapes (batch 64, inference, ``jax.jit``, this CPU). ZIGs are zeroed so
    that the FLOPs fall to about 27% of the full model (OTO's VGG16-BN result), in a random
    order until the budget is met (``oto_jax.budgets.select``, the choice HESSO makes), so
-   every layer narrows by about the same fraction. The full model on the zeroed variables
-   and the subnet are timed interleaved; the script prints the measured speedup, the FLOPs
-   ratio and speedup ÷ FLOPs ratio (target ≥ 0.85). The same again with every layer's kept
+   every layer narrows by about the same fraction. The full model (``model.apply`` on the
+   zeroed variables, and the analysed program cut with nothing removed, which lowers
+   small-output convolutions as the slim program does) and the subnet are timed interleaved;
+   the speedup is the full program's time over the slim one's (like with like), printed with
+   the FLOPs ratio and speedup ÷ FLOPs ratio (target ≥ 0.85). The same again with every layer's kept
    width rounded to a multiple of 8 and of 32 (``group_divisible``).
 2. ``construct_subnet`` on ResNet-50 and BERT-base with half of their ZIGs removed: the time
    of a first call (target ≤ 0.5 s each; the partition is built before the clock starts),
@@ -54,6 +56,11 @@ def vgg_speedup(batch: int, repeats: int, multiples: tuple[int, ...], keep_flops
   none = jnp.zeros((part.num_zigs,), bool)
   removed = budgets.select(oto_jax.flops_budget(keep_flops), part, key, none, ~none, jnp.float32(1.0))
   full = jax.jit(lambda v, x: model.apply(v, x))
+  # The full model as oto_jax runs it: the analysed program cut with nothing removed, with the
+  # slim program's lowerings (small-output convolutions as one dot_general), so that the
+  # speedup compares like with like.
+  whole = oto_jax.construct_subnet(part, variables, zig_ids=[])
+  full_program = jax.jit(whole.apply)
   rows = []
   for m in multiples:
     r = removed if m == 1 else budgets.round_to_multiple(part, removed, key, m)
@@ -64,19 +71,21 @@ def vgg_speedup(batch: int, repeats: int, multiples: tuple[int, ...], keep_flops
     ref, got = full(zeroed, x), slim(sub.variables, x)
     err = float(jnp.max(jnp.abs(ref - got)) / jnp.max(jnp.abs(ref)))
     # Interleave the two so that drifts of this noisy machine hit both alike.
-    t_full, t_slim = [], []
+    t_full, t_prog, t_slim = [], [], []
     for _ in range(repeats):
       t_full += _time(full, zeroed, x, repeats=1)
+      t_prog += _time(full_program, whole.variables, x, repeats=1)
       t_slim += _time(slim, sub.variables, x, repeats=1)
     rep = sub.report()
     flops_ratio = rep.flops[0] / rep.flops[1]
-    speedup = statistics.median(t_full) / statistics.median(t_slim)
+    speedup = statistics.median(t_prog) / statistics.median(t_slim)
     rows.append(
       {
         'group_divisible': m,
         'flops_remaining': rep.flops[1] / rep.flops[0],
         'params_remaining': rep.params[1] / rep.params[0],
         'full_ms': 1e3 * statistics.median(t_full),
+        'full_program_ms': 1e3 * statistics.median(t_prog),
         'slim_ms': 1e3 * statistics.median(t_slim),
         'speedup': speedup,
         'flops_ratio': flops_ratio,
@@ -147,15 +156,16 @@ def main(argv: list[str] | None = None) -> int:
   print(f'VGG16-BN, CIFAR shapes, batch {args.batch}, inference, device: {jax.devices()[0].device_kind}')
   print()
   print(
-    '| group_divisible | FLOPs left | params left | full ms | slim ms | speedup | FLOPs ratio |'
-    ' speedup ÷ FLOPs ratio | target ≥ 0.85 | max rel err |'
+    '| group_divisible | FLOPs left | params left | full ms (model.apply) | full ms (oto_jax program) |'
+    ' slim ms | speedup | FLOPs ratio | speedup ÷ FLOPs ratio | target ≥ 0.85 | max rel err |'
   )
-  print('|---|---|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
     verdict = 'pass' if r['efficiency'] >= 0.85 else 'miss'
     print(
       f'| {r["group_divisible"]} | {100 * r["flops_remaining"]:.1f}% | {100 * r["params_remaining"]:.1f}% | '
-      f'{r["full_ms"]:.1f} | {r["slim_ms"]:.1f} | {r["speedup"]:.2f}× | {r["flops_ratio"]:.2f}× | '
+      f'{r["full_ms"]:.1f} | {r["full_program_ms"]:.1f} | {r["slim_ms"]:.1f} | {r["speedup"]:.2f}× | '
+      f'{r["flops_ratio"]:.2f}× | '
       f'{r["efficiency"]:.2f} | {verdict} | {r["max_rel_err"]:.1e} |'
     )
   print()

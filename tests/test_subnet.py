@@ -745,3 +745,62 @@ def test_plan_warns_when_the_budget_is_out_of_reach():
   with pytest.warns(UserWarning, match=r'cannot meet the params budget of 10\.0%.*keeps \d+\.\d%'):
     plan = oto_jax.plan_subnet(part, budget=oto_jax.params_budget(0.1))
   assert all(b == 1 for _, _, b in plan.report.widths)
+
+
+# ---------------------------------------------------------------------------------------------
+# The slim program's lowering of small-output convolutions.
+
+
+@pytest.mark.parametrize(
+  'layout, spatial, kernel, strides, padding, dilation',
+  [
+    (('NHWC', 'HWIO', 'NHWC'), (2, 2), (3, 3), (1, 1), 'SAME', (1, 1)),
+    (('NCHW', 'OIHW', 'NCHW'), (4, 4), (3, 3), (2, 2), 'SAME', (1, 1)),
+    (('NHWC', 'HWIO', 'NHWC'), (5, 3), (2, 3), (2, 1), ((1, 0), (-1, 2)), (2, 1)),
+    (('NCHW', 'HWIO', 'NHWC'), (1, 1), (3, 3), (1, 1), 'SAME', (1, 1)),
+    (('NWC', 'WIO', 'NWC'), (6,), (3,), (3,), 'VALID', (1,)),
+  ],
+)
+def test_conv_as_dot_equals_the_convolution(layout, spatial, kernel, strides, padding, dilation):
+  from oto_jax.primitives.contractions import conv_as_dot
+
+  rng = np.random.default_rng(0)
+  lhs_shape = {'N': 3, 'C': 5, **dict(zip('HW' if len(spatial) == 2 else 'W', spatial))}
+  rhs_shape = {'O': 4, 'I': 5, **dict(zip('HW' if len(kernel) == 2 else 'W', kernel))}
+  lhs = jnp.asarray(rng.normal(size=[lhs_shape[c] for c in layout[0]]), jnp.float32)
+  rhs = jnp.asarray(rng.normal(size=[rhs_shape[c] for c in layout[1]]), jnp.float32)
+
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(
+      x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=layout
+    )
+
+  params = jax.make_jaxpr(conv)(lhs, rhs).jaxpr.eqns[0].params
+  chex.assert_trees_all_close(conv_as_dot(lhs, rhs, params), conv(lhs, rhs), rtol=1e-5, atol=1e-5)
+
+
+class TinyOutputCNN(nn.Module):
+  """Convolutions down to 2×2 and 1×1 outputs (VGG's last block on CIFAR), then a head."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))  # 4x4 -> 2x2
+    x = nn.relu(nn.Conv(16, (3, 3))(x))  # 2x2 -> 2x2
+    x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))  # 2x2 -> 1x1
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_slim_program_lowers_small_output_convolutions_exactly():
+  model, x = TinyOutputCNN(), jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 4, 3)), jnp.float32)
+  v = model.init(jax.random.key(0), x)
+  part = oto_jax.zig_partition(model.apply, v, x)
+  ids = [0, 3, 17, 20, part.num_zigs - 1]
+  zeroed = part.zero(v, ids)
+  subnet = oto_jax.construct_subnet(part, zeroed, zig_ids=ids)
+  # Every convolution has an output of at most 4 pixels: none is left in the slim program.
+  assert 'conv_general_dilated' not in str(subnet.jaxpr)
+  for batch in (2, 7):
+    xb = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, 4, 4, 3)), jnp.float32)
+    chex.assert_trees_all_close(
+      subnet.apply(subnet.variables, xb), model.apply(zeroed, xb), rtol=1e-5, atol=1e-5
+    )

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from oto_jax.axes import PROD
 from oto_jax.primitives.entry import NONE, CostTerm, PrimitiveEntry, Zero, all_axes
 
@@ -94,6 +100,63 @@ def _conv_rewrite(ctx, eqn):
   return p
 
 
+# XLA:CPU runs a convolution whose output has a few pixels far below its usual speed: a 3×3,
+# 512→512 convolution to 64×2×2 took 545 ms, the same products as one dot_general 9 ms;
+# 256→256, 51 ms against 2.2 ms; 1×1 outputs 28 ms against 2.4 ms. At 3×3 and 4×4 outputs the
+# convolution was faster (4.4 against 5.7 ms, 0.8 against 1.0 ms). Measured on this project's
+# 2-core CPU, batch 64 (experiments/bench_subnet.py prints the per-layer figures).
+SMALL_CONV_OUTPUT = 4
+
+
+def conv_as_dot(lhs, rhs, params):
+  """``conv_general_dilated`` as one ``dot_general``: the kernel's taps of every output pixel
+  (shifted, strided slices of the padded input) against the kernel.
+
+  .. math::
+    y_{n,p,o} = \\sum_{t,c} x_{n, s \\cdot p + d \\cdot t - \\text{pad}, c}\\, w_{t,c,o}
+
+  Only for ``feature_group_count = batch_group_count = 1`` and no input dilation.
+  """
+  dn = params['dimension_numbers']
+  lspec, rspec, ospec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  nsp = len(lspec) - 2
+  x = jnp.transpose(lhs, (lspec[0], *lspec[2:], lspec[1]))  # batch, spatial…, feature
+  w = jnp.transpose(rhs, (*rspec[2:], rspec[1], rspec[0]))  # spatial…, in, out
+  strides, dilation = params['window_strides'], params['rhs_dilation']
+  zero = jnp.zeros((), x.dtype)
+  x = jax.lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in params['padding']), (0, 0, 0)])
+  size = w.shape[:nsp]
+  out = [(x.shape[1 + d] - (size[d] - 1) * dilation[d] - 1) // strides[d] + 1 for d in range(nsp)]
+  taps = []
+  for tap in np.ndindex(*size):
+    start = [0, *(t * dilation[d] for d, t in enumerate(tap)), 0]
+    limit = [x.shape[0], *(start[1 + d] + (out[d] - 1) * strides[d] + 1 for d in range(nsp)), x.shape[-1]]
+    taps.append(jax.lax.slice(x, start, limit, [1, *strides, 1]))
+  patches = jnp.stack(taps, axis=-2).reshape(-1, len(taps) * x.shape[-1])
+  y = jax.lax.dot_general(
+    patches,
+    w.reshape(-1, w.shape[-1]),
+    (((1,), (0,)), ((), ())),
+    precision=params.get('precision'),
+    preferred_element_type=params.get('preferred_element_type'),
+  )
+  y = y.reshape(x.shape[0], *out, w.shape[-1])  # batch, spatial…, feature
+  where = {ospec[0]: 0, ospec[1]: nsp + 1, **{ospec[2 + d]: 1 + d for d in range(nsp)}}
+  return jnp.transpose(y, [where[a] for a in range(nsp + 2)])
+
+
+def _conv_bind(ctx, eqn, ins, params):
+  # The slim program avoids the small-output cliff (SMALL_CONV_OUTPUT); others bind as traced.
+  lhs_dilation = params.get('lhs_dilation') or ()
+  out_spec = params['dimension_numbers'].out_spec
+  out_shape = ctx.values.shapes[eqn.outs[0]]
+  small = math.prod(out_shape[a] for a in out_spec[2:]) <= SMALL_CONV_OUTPUT
+  plain = params['feature_group_count'] == 1 and params['batch_group_count'] == 1
+  if small and plain and all(d == 1 for d in lhs_dilation):
+    return [conv_as_dot(*ins, params)]
+  return [eqn.primitive.bind(*ins, **params)]
+
+
 def _ragged_numbers(eqn):
   """``(contracting, batch, lhs ragged axes, rhs group axes)`` of a ``ragged_dot_general``, or
   None unless its ragged axes are free rows of the lhs and the rhs has a group (expert) axis:
@@ -133,5 +196,7 @@ def _ragged_zero(eqn) -> Zero:
 ENTRIES: dict[str, PrimitiveEntry] = {
   'dot_general': PrimitiveEntry(_dot_structure, _dot_zero, cost=_dot_cost),
   'ragged_dot_general': PrimitiveEntry(_ragged_structure, _ragged_zero, cost=_dot_cost),
-  'conv_general_dilated': PrimitiveEntry(_conv_structure, _conv_zero, cost=_conv_cost, rewrite=_conv_rewrite),
+  'conv_general_dilated': PrimitiveEntry(
+    _conv_structure, _conv_zero, cost=_conv_cost, rewrite=_conv_rewrite, bind=_conv_bind
+  ),
 }
