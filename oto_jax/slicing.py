@@ -137,7 +137,8 @@ def _cut_on_device(x: Any, sharding: Any, ks: Sequence[np.ndarray | None]) -> An
   return jax.shard_map(body, mesh=mesh, in_specs=(pspec,), out_specs=pspec, check_vma=False)(x)
 
 
-def _on_host(leaf: Any) -> bool:
+def on_host(leaf: Any) -> bool:
+  """Whether ``leaf`` is cut on the host: a NumPy array or a single-device CPU array."""
   if not isinstance(leaf, jax.Array):
     return True
   devices = leaf.sharding.device_set
@@ -164,15 +165,15 @@ def cut_leaves(leaves: Sequence[Any], kept: Sequence[Sequence[np.ndarray | None]
       out[i] = jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=slim_sharding(leaf.sharding, shape))
     elif isinstance(leaf, jax.core.Tracer):  # inside the caller's jit: its shardings apply
       out[i] = _take(leaf, ks)
-    elif _on_host(leaf):
+    elif on_host(leaf):
       x = np.asarray(leaf)
       for ax, k in enumerate(ks):
         if k is not None:
           x = np.take(x, k, axis=ax)
       if isinstance(leaf, jax.Array):
-        # A fresh array (device_put may alias a NumPy buffer on CPU), committed to its device
-        # only if the full leaf was: an uncommitted one may join a computation anywhere.
-        x = jax.device_put(np.array(x), leaf.sharding if leaf.committed else None)
+        # np.take made a fresh array, which device_put may alias on CPU. Committed to its
+        # device only if the full leaf was: an uncommitted one may join a computation anywhere.
+        x = jax.device_put(x, leaf.sharding if leaf.committed else None)
       out[i] = x
     else:
       on_device.append(i)

@@ -299,8 +299,13 @@ def construct_subnet(
     )
   if drop is None:
     # `== 0`, not `<= 0`: a NaN norm is not a zero ZIG. The norms are computed where the
-    # variables are; only this vector comes to the host.
-    drop = np.asarray(partition.zig_norms(variables)) == 0
+    # variables are (NumPy for host-like leaves; one compiled program on devices), and only
+    # this vector comes to the host.
+    if all(slicing.on_host(x) for x in leaves):
+      norms = partition.zig_norms(jax.tree.map(np.asarray, variables))
+    else:
+      norms = jax.jit(partition.zig_norms)(variables)
+    drop = np.asarray(norms) == 0
   if tainted is not None:
     kept_anyway = drop & tainted[0]
     if kept_anyway.any():
@@ -317,8 +322,9 @@ def construct_subnet(
 def _finite_along(x: Any, axis: int | None) -> np.ndarray:
   """Whether every entry of ``x`` is finite (per position of ``axis``), computed where ``x``
   lives: only the answer comes to the host."""
-  xp = np if isinstance(x, np.ndarray) else jnp
-  ok = xp.isfinite(x)
+  # Host-like leaves (NumPy, one CPU device) with NumPy: eager device ops would compile per shape.
+  xp = np if slicing.on_host(x) else jnp
+  ok = xp.isfinite(np.asarray(x) if xp is np else x)
   ok = ok.all() if axis is None else ok.all(axis=tuple(a for a in range(x.ndim) if a != axis))
   return np.asarray(ok)
 
@@ -354,6 +360,7 @@ def _make(partition: ZIGPartition, keep: np.ndarray, leaves: list, *, sliced: bo
   keep = _complete(partition, keep)
   prog = partition._program()
   slim_prog, cut = slim.build(prog, partition.axes, keep)
+  given = {id(x) for x in leaves}
   if sliced:
     leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for x in leaves]
   else:
@@ -364,9 +371,11 @@ def _make(partition: ZIGPartition, keep: np.ndarray, leaves: list, *, sliced: bo
       raise ValueError(
         f'Slim variable {path_str(path)} has shape {tuple(np.shape(leaf))}, expected {shapes[v]}.'
       )
-  # Host leaves go to the default device as fresh copies (on CPU, device_put may alias a NumPy
-  # buffer, which would then be the caller's); arrays stay where slicing left them.
-  leaves = [jax.device_put(np.array(x)) if isinstance(x, np.ndarray) else x for x in leaves]
+  # Host leaves go to the default device; the caller's own NumPy arrays as copies (on CPU,
+  # device_put may alias a NumPy buffer). Arrays stay where slicing left them.
+  leaves = [
+    jax.device_put(np.array(x) if id(x) in given else x) if isinstance(x, np.ndarray) else x for x in leaves
+  ]
   variables = jax.tree_util.tree_unflatten(prog.var_tree, leaves)
   sig = slim_prog.signature
 
