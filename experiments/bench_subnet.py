@@ -12,6 +12,8 @@
 2. ``construct_subnet`` on ResNet-50 and BERT-base with half of their ZIGs removed: the time
    of a first call (target ≤ 0.5 s each; the partition is built before the clock starts),
    which includes one trace of the slim program that checks every equation's shape.
+   For the unrounded cut, every convolution and dot of the full and the slim program is also
+   timed alone, and the layers that lose most against their FLOPs ratio are listed.
 3. ``Subnet.apply`` called eagerly against ``jax.jit(subnet.apply)`` on small models (target:
    eager within 3× of jitted; the slim program is compiled either way).
 
@@ -26,6 +28,7 @@ import argparse
 import json
 import statistics
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +36,7 @@ import numpy as np
 
 import oto_jax
 from experiments import models
-from oto_jax import budgets
+from oto_jax import budgets, ir
 
 
 def _time(fn, *args, repeats: int) -> list[float]:
@@ -85,6 +88,21 @@ def speedup(name: str, batch: int, repeats: int, multiples: tuple[int, ...], kee
     rep = sub.report()
     flops_ratio = rep.flops[0] / rep.flops[1]
     speedup = statistics.median(t_prog) / statistics.median(t_slim)
+    layers = []
+    if m == 1:
+      # Where the time goes: each contraction of the full and the slim program alone.
+      for f, sl in zip(contraction_times(whole, 3), contraction_times(sub, 3)):
+        layers.append(
+          {
+            'op': f['op'],
+            'full_shapes': f['shapes'],
+            'slim_shapes': sl['shapes'],
+            'full_ms': f['ms'],
+            'slim_ms': sl['ms'],
+            'full_gflops': f['gflops'],
+            'slim_gflops': sl['gflops'],
+          }
+        )
     rows.append(
       {
         'group_divisible': m,
@@ -98,9 +116,34 @@ def speedup(name: str, batch: int, repeats: int, multiples: tuple[int, ...], kee
         'efficiency': speedup / flops_ratio,
         'max_rel_err': err,
         'widths': [w[2] for w in rep.widths],
+        'layers': layers,
       }
     )
   return rows
+
+
+def contraction_times(subnet, repeats: int) -> list[dict]:
+  """Each convolution and dot_general of a subnet's program run alone at its shapes, bound as
+  the slim program binds it (small-output convolutions as one dot): time and FLOPs."""
+  prog = subnet.program
+  ctx = types.SimpleNamespace(values=prog.values)
+  out = []
+  for k, eqn in enumerate(ir.iter_eqns(prog.steps)):
+    if eqn.name not in ('conv_general_dilated', 'dot_general'):
+      continue
+    shapes = [prog.values.shapes[v] for v in eqn.ins]
+    ins = [jnp.ones(s, prog.values.dtypes[v]) for s, v in zip(shapes, eqn.ins)]
+    bind = eqn.entry.bind
+    fn = jax.jit(
+      lambda *a, e=eqn, b=bind: (b(ctx, e, list(a), e.params) if b else [e.primitive.bind(*a, **e.params)])[0]
+    )
+    jax.block_until_ready(fn(*ins))
+    ms = 1e3 * statistics.median(_time(fn, *ins, repeats=repeats))
+    flops = sum(
+      t.coef * np.prod([prog.values.shapes[v][ax] for v, ax in t.axes]) for t in eqn.entry.cost(ctx, eqn)
+    )
+    out.append({'index': k, 'op': eqn.name, 'shapes': shapes, 'ms': ms, 'gflops': flops / 1e9})
+  return out
 
 
 def construct_time(name: str) -> dict:
@@ -175,6 +218,27 @@ def main(argv: list[str] | None = None) -> int:
         f'{100 * r["params_remaining"]:.1f}% | {r["full_ms"]:.1f} | {r["full_program_ms"]:.1f} | '
         f'{r["slim_ms"]:.1f} | {r["speedup"]:.2f}× | {r["flops_ratio"]:.2f}× | '
         f'{r["efficiency"]:.2f} | {verdict} | {r["max_rel_err"]:.1e} |'
+      )
+    print()
+    layers = rows[0]['layers']
+    full_sum, slim_sum = sum(r['full_ms'] for r in layers), sum(r['slim_ms'] for r in layers)
+    print(
+      f'{label}: its {len(layers)} contractions alone take {full_sum:.1f} ms (full) and '
+      f'{slim_sum:.1f} ms (slim) of the {rows[0]["full_program_ms"]:.1f} and {rows[0]["slim_ms"]:.1f} ms '
+      'end to end. The layers whose slim time is furthest above their full time ÷ FLOPs ratio:'
+    )
+    print()
+    print('| op | full shapes | slim shapes | full ms | slim ms | FLOPs ratio | time ratio | slim GFLOP/s |')
+    print('|---|---|---|---|---|---|---|---|')
+    lost = sorted(
+      layers, key=lambda r: r['slim_ms'] - r['full_ms'] * r['slim_gflops'] / max(r['full_gflops'], 1e-12)
+    )
+    for r in lost[::-1][:8]:
+      print(
+        f'| {r["op"]} | {r["full_shapes"]} | {r["slim_shapes"]} | {r["full_ms"]:.2f} | {r["slim_ms"]:.2f} | '
+        f'{r["full_gflops"] / max(r["slim_gflops"], 1e-12):.2f} | '
+        f'{r["full_ms"] / max(r["slim_ms"], 1e-9):.2f} | '
+        f'{r["slim_gflops"] / max(r["slim_ms"], 1e-9) * 1e3:.1f} |'
       )
     print()
   print('VGG16-BN slim widths (group_divisible=1):', results['vgg16_bn'][0]['widths'])
