@@ -126,12 +126,12 @@ def contraction_times(subnet, repeats: int) -> list[dict]:
   """Each convolution and dot_general of a subnet's program run alone at its shapes, bound as
   the slim program binds it (small-output convolutions as one dot): time and FLOPs."""
   prog = subnet.program
-  ctx = types.SimpleNamespace(values=prog.values)
+  ctx = types.SimpleNamespace(values=prog.values, shape=lambda v: prog.values.shapes[v])
   out = []
   for k, eqn in enumerate(ir.iter_eqns(prog.steps)):
-    if eqn.name not in ('conv_general_dilated', 'dot_general'):
+    if eqn.name not in ('conv_general_dilated', 'dot_general') or not all(type(v) is int for v in eqn.ins):
       continue
-    shapes = [prog.values.shapes[v] for v in eqn.ins]
+    shapes = [tuple(int(d) for d in prog.values.shapes[v]) for v in eqn.ins]
     ins = [jnp.ones(s, prog.values.dtypes[v]) for s, v in zip(shapes, eqn.ins)]
     bind = eqn.entry.bind
     fn = jax.jit(
