@@ -759,6 +759,7 @@ def test_plan_warns_when_the_budget_is_out_of_reach():
     (('NHWC', 'HWIO', 'NHWC'), (5, 3), (2, 3), (2, 1), ((1, 0), (-1, 2)), (2, 1)),
     (('NCHW', 'HWIO', 'NHWC'), (1, 1), (3, 3), (1, 1), 'SAME', (1, 1)),
     (('NWC', 'WIO', 'NWC'), (6,), (3,), (3,), 'VALID', (1,)),
+    (('NHWC', 'HWIO', 'NHWC'), (7, 6), (1, 1), (2, 2), 'SAME', (1, 1)),
   ],
 )
 def test_conv_as_dot_equals_the_convolution(layout, spatial, kernel, strides, padding, dilation):
@@ -780,10 +781,12 @@ def test_conv_as_dot_equals_the_convolution(layout, spatial, kernel, strides, pa
 
 
 class TinyOutputCNN(nn.Module):
-  """Convolutions down to 2×2 and 1×1 outputs (VGG's last block on CIFAR), then a head."""
+  """A 1×1 convolution, then convolutions down to 2×2 and 1×1 outputs (VGG's last block on
+  CIFAR), then a head."""
 
   @nn.compact
   def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (1, 1))(x))
     x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))  # 4x4 -> 2x2
     x = nn.relu(nn.Conv(16, (3, 3))(x))  # 2x2 -> 2x2
     x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))  # 2x2 -> 1x1
@@ -794,10 +797,10 @@ def test_slim_program_lowers_small_output_convolutions_exactly():
   model, x = TinyOutputCNN(), jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 4, 3)), jnp.float32)
   v = model.init(jax.random.key(0), x)
   part = oto_jax.zig_partition(model.apply, v, x)
-  ids = [0, 3, 17, 20, part.num_zigs - 1]
+  ids = [0, 3, 9, 25, 28, part.num_zigs - 1]
   zeroed = part.zero(v, ids)
   subnet = oto_jax.construct_subnet(part, zeroed, zig_ids=ids)
-  # Every convolution has an output of at most 4 pixels: none is left in the slim program.
+  # Every convolution has a 1×1 kernel or an output of at most 4 pixels: none is left.
   assert 'conv_general_dilated' not in str(subnet.jaxpr)
   for batch in (2, 7):
     xb = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, 4, 4, 3)), jnp.float32)

@@ -103,8 +103,11 @@ def _conv_rewrite(ctx, eqn):
 # XLA:CPU runs a convolution whose output has a few pixels far below its usual speed: a 3×3,
 # 512→512 convolution to 64×2×2 took 545 ms, the same products as one dot_general 9 ms;
 # 256→256, 51 ms against 2.2 ms; 1×1 outputs 28 ms against 2.4 ms. At 3×3 and 4×4 outputs the
-# convolution was faster (4.4 against 5.7 ms, 0.8 against 1.0 ms). Measured on this project's
-# 2-core CPU, batch 64 (experiments/bench_subnet.py prints the per-layer figures).
+# convolution was faster (4.4 against 5.7 ms, 0.8 against 1.0 ms). A 1×1 kernel is a matrix
+# product at any size, and the dot was faster at every width tried (64×32×32 inputs:
+# 256→128 124 against 37 ms, 129→66 45 against 10 ms, 34→129 40 against 20 ms); 3×3 kernels
+# at 32×32 were not (83 against 168 ms). Measured on this project's 2-core CPU, batch 64
+# (experiments/bench_subnet.py prints the per-layer figures).
 SMALL_CONV_OUTPUT = 4
 
 
@@ -146,11 +149,14 @@ def conv_as_dot(lhs, rhs, params):
 
 
 def _conv_bind(ctx, eqn, ins, params):
-  # The slim program avoids the small-output cliff (SMALL_CONV_OUTPUT); others bind as traced.
+  # The slim program computes small-output convolutions (SMALL_CONV_OUTPUT) and 1×1 kernels as
+  # one dot; others bind as traced.
   lhs_dilation = params.get('lhs_dilation') or ()
-  out_spec = params['dimension_numbers'].out_spec
+  dn = params['dimension_numbers']
   out_shape = ctx.values.shapes[eqn.outs[0]]
-  small = math.prod(out_shape[a] for a in out_spec[2:]) <= SMALL_CONV_OUTPUT
+  rhs_shape = ctx.values.shapes[eqn.ins[1]]
+  small = math.prod(out_shape[a] for a in dn.out_spec[2:]) <= SMALL_CONV_OUTPUT
+  small = small or math.prod(rhs_shape[a] for a in dn.rhs_spec[2:]) == 1
   plain = params['feature_group_count'] == 1 and params['batch_group_count'] == 1
   if small and plain and all(d == 1 for d in lhs_dilation):
     return [conv_as_dot(*ins, params)]
