@@ -61,36 +61,33 @@ def slim_sharding(sharding: Any, shape: Sequence[int]) -> Any:
   spec = []
   for ax, n in enumerate(shape):
     entry = sharding.spec[ax] if ax < len(sharding.spec) else None
-    names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-    spec.append(entry if n % math.prod(sizes[m] for m in names) == 0 else None)
+    spec.append(entry if n % math.prod(sizes[m] for m in mesh_axes(entry)) == 0 else None)
   return NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
 
 
-def _take(x: Any, ks: Sequence[np.ndarray | None]) -> Any:
+def _take(x: Any, ks: Sequence[np.ndarray | None], xp: Any = jnp) -> Any:
   for ax, k in enumerate(ks):
     if k is not None:
-      x = jnp.take(x, np.asarray(k, np.int32), axis=ax)
+      x = xp.take(x, np.asarray(k, np.int32), axis=ax)
   return x
 
 
-def _mesh_axes(entry: Any) -> tuple:
+def mesh_axes(entry: Any) -> tuple:
+  """The mesh axes a PartitionSpec entry (None, a name or a tuple of names) splits over."""
   return () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
 
 
 def _gather(x: Any, sharding: NamedSharding, ks: Sequence[np.ndarray | None]) -> Any:
   """The compiler's gather, axis by axis; on a mesh of explicit axes each step names its
   result's sharding (the rule's), which such meshes require."""
-  explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(sharding.mesh, 'axis_types', ()))
+  if not any(t == jax.sharding.AxisType.Explicit for t in getattr(sharding.mesh, 'axis_types', ())):
+    return _take(x, ks)
   shape = list(x.shape)
   for ax, k in enumerate(ks):
-    if k is None:
-      continue
-    shape[ax] = len(k)
-    index = (slice(None),) * ax + (np.asarray(k, np.int32),)
-    if explicit:
+    if k is not None:
+      shape[ax] = len(k)
+      index = (slice(None),) * ax + (np.asarray(k, np.int32),)
       x = x.at[index].get(out_sharding=slim_sharding(sharding, shape))
-    else:
-      x = jnp.take(x, np.asarray(k, np.int32), axis=ax)
   return x
 
 
@@ -109,7 +106,7 @@ def _cut_on_device(x: Any, sharding: Any, ks: Sequence[np.ndarray | None]) -> An
   mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
   tables = []
   for ax, k in enumerate(ks):
-    names = _mesh_axes(spec[ax])
+    names = mesh_axes(spec[ax])
     n = math.prod(mesh.shape[m] for m in names)
     if k is None or n == 1:
       tables.append(None if k is None else (names, np.asarray(k, np.int32)[None]))
@@ -156,7 +153,7 @@ def cut_leaves(leaves: Sequence[Any], kept: Sequence[Sequence[np.ndarray | None]
     The cut leaves, each of the kind it came as (see the module docstring for where).
   """
   out: list = list(leaves)
-  on_device = []
+  on_device, shardings = [], []
   for i, (leaf, ks) in enumerate(zip(leaves, kept)):
     if all(k is None for k in ks):
       continue
@@ -166,10 +163,7 @@ def cut_leaves(leaves: Sequence[Any], kept: Sequence[Sequence[np.ndarray | None]
     elif isinstance(leaf, jax.core.Tracer):  # inside the caller's jit: its shardings apply
       out[i] = _take(leaf, ks)
     elif on_host(leaf):
-      x = np.asarray(leaf)
-      for ax, k in enumerate(ks):
-        if k is not None:
-          x = np.take(x, k, axis=ax)
+      x = _take(np.asarray(leaf), ks, np)
       if isinstance(leaf, jax.Array):
         # np.take made a fresh array, which device_put may alias on CPU. Committed to its
         # device only if the full leaf was: an uncommitted one may join a computation anywhere.
@@ -177,11 +171,8 @@ def cut_leaves(leaves: Sequence[Any], kept: Sequence[Sequence[np.ndarray | None]
       out[i] = x
     else:
       on_device.append(i)
+      shardings.append(slim_sharding(leaf.sharding, shape))
   if on_device:
-    shardings = []
-    for i in on_device:
-      shape = tuple(len(k) if k is not None else n for k, n in zip(kept[i], np.shape(leaves[i])))
-      shardings.append(slim_sharding(leaves[i].sharding, shape))
 
     def cut(xs):
       return [_cut_on_device(x, leaves[i].sharding, kept[i]) for x, i in zip(xs, on_device)]

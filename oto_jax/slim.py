@@ -308,16 +308,15 @@ class _Run:
     # and specs: the slim shards are the full ones with the same positions dropped on every
     # device. Unchecked: the program folded `pvary` of literals into plain literals, which a
     # varying-axes check would refuse (the full model passed it).
-    enter = [s for s in call.body if isinstance(s, Eqn) and s.primitive is SHARD_MAP_ENTER]
-    exit_ = [s for s in call.body if isinstance(s, Eqn) and s.primitive is SHARD_MAP_EXIT]
-    body_steps = tuple(
-      s for s in call.body if not (isinstance(s, Eqn) and s.primitive in (SHARD_MAP_ENTER, SHARD_MAP_EXIT))
-    )
+    enter, exit_, body_steps = [], [], []
+    for s in call.body:
+      prim = s.primitive if isinstance(s, Eqn) else None
+      (enter if prim is SHARD_MAP_ENTER else exit_ if prim is SHARD_MAP_EXIT else body_steps).append(s)
 
     def body(*shards):
       inner = dict(scope)
       inner.update((e.outs[0], x) for e, x in zip(enter, shards))
-      self.steps(body_steps, inner)
+      self.steps(tuple(body_steps), inner)
       return tuple(self.read(inner, e.ins[0]) for e in exit_)
 
     p = call.params

@@ -29,6 +29,7 @@ from oto_jax.axes import PROD
 from oto_jax.ir import SHARD_MAP_ENTER, SHARD_MAP_EXIT
 from oto_jax.primitives.entry import KEEP, NONE, PrimitiveEntry, blocked, free, per_output, same_axes
 from oto_jax.primitives.layout import _nothing, _pairwise_structure
+from oto_jax.slicing import mesh_axes
 from oto_jax.structure import Reason
 
 
@@ -39,14 +40,6 @@ def _devices(ctx, size: int, eqn) -> int:
   return node
 
 
-def _spec_devices(mesh, entry) -> int:
-  """How many devices a PartitionSpec entry (None, a mesh axis name or a tuple of them) splits over."""
-  if entry is None:
-    return 1
-  names = entry if isinstance(entry, tuple) else (entry,)
-  return math.prod(mesh.shape[n] for n in names)
-
-
 def _edge_structure(ctx, eqn):
   x, out = eqn.ins[0], eqn.outs[0]
   whole, shard = (x, out) if eqn.primitive is SHARD_MAP_ENTER else (out, x)
@@ -54,7 +47,7 @@ def _edge_structure(ctx, eqn):
     return  # a literal
   spec, mesh = eqn.params['spec'], eqn.params['mesh']
   for ax in range(len(ctx.shape(whole))):
-    n = _spec_devices(mesh, spec[ax] if ax < len(spec) else None)
+    n = math.prod(mesh.shape[m] for m in mesh_axes(spec[ax] if ax < len(spec) else None))
     if n == 1:
       ctx.unite(whole, ax, shard, ax)
     else:
