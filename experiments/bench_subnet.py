@@ -1,14 +1,19 @@
 """Does the slim model run as much faster as its FLOPs say? And how fast is construct_subnet?
 
-1. VGG16-BN and ResNet-50 on CIFAR shapes (batch 64, inference, ``jax.jit``, this CPU). ZIGs are zeroed so
-   that the FLOPs fall to about 27% of the full model (OTO's VGG16-BN result), in a random
-   order until the budget is met (``oto_jax.budgets.select``, the choice HESSO makes), so
-   every layer narrows by about the same fraction. The full model (``model.apply`` on the
-   zeroed variables, and the analysed program cut with nothing removed, which lowers
-   small-output convolutions as the slim program does) and the subnet are timed interleaved;
-   the speedup is the full program's time over the slim one's (like with like), printed with
-   the FLOPs ratio and speedup ÷ FLOPs ratio (target ≥ 0.85). The same again with every layer's kept
-   width rounded to a multiple of 8 and of 32 (``group_divisible``).
+1. VGG16-BN and ResNet-50 on CIFAR shapes (batch 64, inference, compiled, this CPU). ZIGs are
+   zeroed so that the FLOPs fall to about 27% of the full model (OTO's VGG16-BN result), in a
+   random order until the budget is met (``oto_jax.budgets.select``, the choice HESSO makes),
+   so every layer narrows by about the same fraction. Timed interleaved in one process: the
+   full model (``model.apply``; the analysed program cut with nothing removed, which lowers
+   small-output convolutions as the slim program does; and that program deployed,
+   ``oto_jax.deploy_subnet``: BatchNorm folded), the slim model as cut, deployed, deployed
+   with widths rounded up to multiples of 4 (``construct_subnet(group_divisible=4)``), and the
+   slim model HESSO's ``group_divisible=8`` would pick; and, when ``torch`` is installed, the
+   PyTorch twins of the full and the slim model (``experiments/torch_reference.py``, same
+   weights, outputs checked). Speedups are over the same framework's full model (the
+   deployed program for oto_jax), printed with the FLOPs ratio of the pruning and speedup ÷
+   FLOPs ratio (target ≥ 0.85), and each model's compile time (``jit(...).lower().compile()``;
+   PyTorch: its first call).
 2. ``construct_subnet`` on ResNet-50 and BERT-base with half of their ZIGs removed: the time
    of a first call (target ≤ 0.5 s each; the partition is built before the clock starts),
    which includes one trace of the slim program that checks every equation's shape.
@@ -25,10 +30,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import time
 import types
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,72 +61,157 @@ SPEEDUP_MODELS = {
 }
 
 
-def speedup(name: str, batch: int, repeats: int, multiples: tuple[int, ...], keep_flops: float) -> list[dict]:
+def trained_stats(stats):
+  """Running statistics as after training (init's are mean 0, var 1, which fold to nothing):
+  means ~ N(0, 0.1²), variances ~ U(0.5, 1.5)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(stats)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  out = [
+    a * jax.random.uniform(k, a.shape, minval=0.5, maxval=1.5)
+    if jax.tree_util.keystr(p).endswith("['var']")
+    else a + 0.1 * jax.random.normal(k, a.shape)
+    for (p, a), k in zip(leaves, keys)
+  ]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _compile(fn, *args) -> tuple[Callable, float]:
+  """``fn`` compiled for ``args``, and the seconds that took (tracing, lowering, XLA)."""
+  t = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled, time.perf_counter() - t
+
+
+def _rel_err(ref, got) -> float:
+  ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+  return float(np.max(np.abs(ref - got)) / np.max(np.abs(ref)))
+
+
+def speedup(name: str, batch: int, repeats: int, keep_flops: float, use_torch: bool) -> dict:
+  """Full and slim latency of one model: oto_jax's programs as cut, deployed and rounded, and
+  the PyTorch twins of the full and the slim model, all timed interleaved in this process."""
   model = SPEEDUP_MODELS[name][1]()
   x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
   variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+  variables = {**variables, 'batch_stats': trained_stats(variables['batch_stats'])}
   part = oto_jax.zig_partition(model.apply, variables, x)
   # Random saliency, removed in its order until the FLOPs budget is met: every layer narrows
   # by about the same fraction, as in OTO's VGG16-BN result.
   key = jax.random.uniform(jax.random.key(2), (part.num_zigs,))
   none = jnp.zeros((part.num_zigs,), bool)
   removed = budgets.select(oto_jax.flops_budget(keep_flops), part, key, none, ~none, jnp.float32(1.0))
-  full = jax.jit(lambda v, x: model.apply(v, x))
-  # The full model as oto_jax runs it: the analysed program cut with nothing removed, with the
-  # slim program's lowerings (small-output convolutions as one dot_general), so that the
-  # speedup compares like with like.
-  whole = oto_jax.construct_subnet(part, variables, zig_ids=[])
-  full_program = jax.jit(whole.apply)
-  rows = []
-  for m in multiples:
-    r = removed if m == 1 else budgets.round_to_multiple(part, removed, key, m)
-    ids = np.nonzero(np.asarray(r))[0]
-    zeroed = part.zero(variables, ids)
-    sub = oto_jax.construct_subnet(part, zeroed, zig_ids=ids)
-    slim = jax.jit(sub.apply)
-    ref, got = full(zeroed, x), slim(sub.variables, x)
-    err = float(jnp.max(jnp.abs(ref - got)) / jnp.max(jnp.abs(ref)))
-    # Interleave the two so that drifts of this noisy machine hit both alike.
-    t_full, t_prog, t_slim = [], [], []
-    for _ in range(repeats):
-      t_full += _time(full, zeroed, x, repeats=1)
-      t_prog += _time(full_program, whole.variables, x, repeats=1)
-      t_slim += _time(slim, sub.variables, x, repeats=1)
-    rep = sub.report()
-    flops_ratio = rep.flops[0] / rep.flops[1]
-    speedup = statistics.median(t_prog) / statistics.median(t_slim)
-    layers = []
-    if m == 1:
-      # Where the time goes: each contraction of the full and the slim program alone.
-      for f, sl in zip(contraction_times(whole, 3), contraction_times(sub, 3)):
-        layers.append(
-          {
-            'op': f['op'],
-            'full_shapes': f['shapes'],
-            'slim_shapes': sl['shapes'],
-            'full_ms': f['ms'],
-            'slim_ms': sl['ms'],
-            'full_gflops': f['gflops'],
-            'slim_gflops': sl['gflops'],
-          }
-        )
-    rows.append(
+  # HESSO's group_divisible=8 picks another set: every kept width a multiple of 8.
+  removed8 = budgets.round_to_multiple(part, removed, key, 8)
+  ids, ids8 = (np.flatnonzero(np.asarray(r)) for r in (removed, removed8))
+  zeroed, zeroed8 = part.zero(variables, ids), part.zero(variables, ids8)
+  whole = oto_jax.construct_subnet(part, zeroed, zig_ids=[])
+  sub = oto_jax.construct_subnet(part, zeroed, zig_ids=ids)
+  sub8 = oto_jax.construct_subnet(part, zeroed8, zig_ids=ids8)
+  ref, ref8 = model.apply(zeroed, x), model.apply(zeroed8, x)
+  flops = {k: s.report().flops[0] / s.report().flops[1] for k, s in (('cut', sub), ('gd8', sub8))}
+
+  t = time.perf_counter()
+  deployed = oto_jax.deploy_subnet(sub)
+  deploy_s = time.perf_counter() - t
+  # (label, subnet or None for model.apply, reference output, FLOPs ratio or None for a full model)
+  variants = [
+    ('full, model.apply', None, ref, None),
+    ('full, oto_jax program', whole, ref, None),
+    ('full, BN folded', oto_jax.deploy_subnet(whole), ref, None),
+    ('slim', sub, ref, flops['cut']),
+    ('slim, BN folded', deployed, ref, flops['cut']),
+    (
+      'slim, BN folded, widths rounded up to ×4',
+      oto_jax.deploy_subnet(oto_jax.construct_subnet(part, zeroed, zig_ids=ids, group_divisible=4)),
+      ref,
+      flops['cut'],
+    ),
+    ('slim trained with group_divisible=8, BN folded', oto_jax.deploy_subnet(sub8), ref8, flops['gd8']),
+  ]
+  runs = []
+  for label, s, want, ratio in variants:
+    fn, v = (model.apply, zeroed) if s is None else (s.apply, s.variables)
+    compiled, compile_s = _compile(fn, v, x)
+    runs.append(
+      {'label': label, 'fn': compiled, 'args': (v, x), 'compile_s': compile_s, 'flops_ratio': ratio}
+    )
+    runs[-1]['max_rel_err'] = _rel_err(want, compiled(v, x))
+  torch_info = None
+  if use_torch:
+    more, torch_info = torch_runs(model, zeroed, sub, x, ref, flops['cut'])
+    runs += more
+  # Interleaved, so that drifts of this noisy machine hit every variant alike.
+  times: dict[str, list[float]] = {r['label']: [] for r in runs}
+  for _ in range(repeats):
+    for r in runs:
+      times[r['label']] += _time(r['fn'], *r['args'], repeats=1)
+  for r in runs:
+    r['ms'] = 1e3 * statistics.median(times[r['label']])
+  by = {r['label']: r for r in runs}
+  for r in runs:
+    base = by['PyTorch full' if r['label'].startswith('PyTorch') else 'full, BN folded']
+    r['speedup'] = base['ms'] / r['ms']
+    r['efficiency'] = None if r['flops_ratio'] is None else r['speedup'] / r['flops_ratio']
+    del r['fn'], r['args']
+  layers = []
+  # Where the time goes: each contraction of the full and the slim program alone.
+  for f, sl in zip(contraction_times(whole, 3), contraction_times(sub, 3)):
+    layers.append(
       {
-        'group_divisible': m,
-        'flops_remaining': rep.flops[1] / rep.flops[0],
-        'params_remaining': rep.params[1] / rep.params[0],
-        'full_ms': 1e3 * statistics.median(t_full),
-        'full_program_ms': 1e3 * statistics.median(t_prog),
-        'slim_ms': 1e3 * statistics.median(t_slim),
-        'speedup': speedup,
-        'flops_ratio': flops_ratio,
-        'efficiency': speedup / flops_ratio,
-        'max_rel_err': err,
-        'widths': [w[2] for w in rep.widths],
-        'layers': layers,
+        'op': f['op'],
+        'full_shapes': f['shapes'],
+        'slim_shapes': sl['shapes'],
+        'full_ms': f['ms'],
+        'slim_ms': sl['ms'],
+        'full_gflops': f['gflops'],
+        'slim_gflops': sl['gflops'],
       }
     )
-  return rows
+  rep = sub.report()
+  return {
+    'runs': runs,
+    'flops_remaining': rep.flops[1] / rep.flops[0],
+    'params_remaining': rep.params[1] / rep.params[0],
+    'deploy_s': deploy_s,
+    'widths': [w[2] for w in rep.widths],
+    'layers': layers,
+    'torch': torch_info,
+  }
+
+
+def torch_runs(model, zeroed, sub, x, ref, flops_ratio: float) -> tuple[list[dict], dict]:
+  """The PyTorch twins of the full (zeroed) and the slim model, each in its faster memory
+  format (NCHW or channels-last, measured here), checked against the JAX outputs; and
+  PyTorch's version and thread count."""
+  import torch
+
+  from experiments import torch_reference as tr
+
+  out = []
+  for label, v, ratio in (('PyTorch full', zeroed, None), ('PyTorch slim', sub.variables, flops_ratio)):
+    net = tr.twin(model, jax.tree.map(np.asarray, v))
+    best = None
+    for channels_last in (False, True):
+      fn, tx = tr.runner(net, channels_last), tr.to_torch(x, channels_last)
+      t = time.perf_counter()
+      y = fn(tx)
+      first = time.perf_counter() - t
+      ms = statistics.median(_time(fn, tx, repeats=3))
+      if best is None or ms < best[0]:
+        best = (ms, fn, tx, channels_last, first, y.numpy())
+    _, fn, tx, channels_last, first, y = best
+    out.append(
+      {
+        'label': label,
+        'fn': fn,
+        'args': (tx,),
+        'compile_s': first,
+        'flops_ratio': ratio,
+        'max_rel_err': _rel_err(ref, y),
+        'layout': 'channels-last' if channels_last else 'NCHW',
+      }
+    )
+  return out, {'version': torch.__version__, 'threads': torch.get_num_threads()}
 
 
 def contraction_times(subnet, repeats: int) -> list[dict]:
@@ -199,33 +291,58 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument('--repeats', type=int, default=15)
   ap.add_argument('--keep-flops', type=float, default=0.27)
   ap.add_argument('--json', default=None, help='write the results here')
+  ap.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference even when installed')
   args = ap.parse_args(argv)
 
+  use_torch = importlib.util.find_spec('torch') is not None and not args.no_torch
   results = {}
   for name, (label, _) in SPEEDUP_MODELS.items():
-    rows = results[name] = speedup(name, args.batch, args.repeats, (1, 8, 32), args.keep_flops)
-    print(f'{label}, CIFAR shapes, batch {args.batch}, inference, device: {jax.devices()[0].device_kind}')
-    print()
+    res = results[name] = speedup(name, args.batch, args.repeats, args.keep_flops, use_torch)
+    runs = {r['label']: r for r in res['runs']}
+    ref = res['torch']
     print(
-      '| group_divisible | FLOPs left | params left | full ms (model.apply) | full ms (oto_jax program) |'
-      ' slim ms | speedup | FLOPs ratio | speedup ÷ FLOPs ratio | target ≥ 0.85 | max rel err |'
+      f'{label}, CIFAR shapes, batch {args.batch}, inference, {jax.devices()[0].device_kind}; '
+      f'{100 * res["flops_remaining"]:.1f}% of the FLOPs and {100 * res["params_remaining"]:.1f}% of the '
+      'parameters left; '
+      + (f'PyTorch {ref["version"]} on {ref["threads"]} threads' if ref else 'PyTorch not installed')
     )
-    print('|---|---|---|---|---|---|---|---|---|---|---|')
-    for r in rows:
-      verdict = 'pass' if r['efficiency'] >= 0.85 else 'miss'
+    print()
+    print('| model | latency ms | compile s | speedup | FLOPs ratio | speedup ÷ FLOPs ratio | max rel err |')
+    print('|---|---|---|---|---|---|---|')
+    for r in res['runs']:
+      eff = '' if r['efficiency'] is None else f'{r["efficiency"]:.2f}'
+      ratio = '' if r['flops_ratio'] is None else f'{r["flops_ratio"]:.2f}×'
+      layout = f' ({r["layout"]})' if 'layout' in r else ''
       print(
-        f'| {r["group_divisible"]} | {100 * r["flops_remaining"]:.1f}% | '
-        f'{100 * r["params_remaining"]:.1f}% | {r["full_ms"]:.1f} | {r["full_program_ms"]:.1f} | '
-        f'{r["slim_ms"]:.1f} | {r["speedup"]:.2f}× | {r["flops_ratio"]:.2f}× | '
-        f'{r["efficiency"]:.2f} | {verdict} | {r["max_rel_err"]:.1e} |'
+        f'| {r["label"]}{layout} | {r["ms"]:.1f} | {r["compile_s"]:.2f} | {r["speedup"]:.2f}× | {ratio} | '
+        f'{eff} | {r["max_rel_err"]:.1e} |'
       )
     print()
-    layers = rows[0]['layers']
+    best = max(
+      (r for r in res['runs'] if r['efficiency'] and not r['label'].startswith('PyTorch')),
+      key=lambda r: r['efficiency'],
+    )
+    print(
+      f'Best oto_jax speedup ÷ FLOPs ratio: {best["efficiency"]:.2f} ({best["label"]}); target ≥ 0.85: '
+      f'{"pass" if best["efficiency"] >= 0.85 else "miss"}.',
+      end=' ',
+    )
+    if ref:
+      full = runs['full, BN folded']['ms'] / runs['PyTorch full']['ms']
+      print(
+        f'PyTorch twin: {runs["PyTorch slim"]["efficiency"]:.2f}. oto_jax full ÷ PyTorch full: {full:.2f} '
+        f'(target ≤ 1.2: {"pass" if full <= 1.2 else "miss"}); oto_jax slim (folded) ÷ PyTorch slim: '
+        f'{runs["slim, BN folded"]["ms"] / runs["PyTorch slim"]["ms"]:.2f}.'
+      )
+    print(f'deploy_subnet took {res["deploy_s"]:.2f} s.')
+    print()
+    layers = res['layers']
     full_sum, slim_sum = sum(r['full_ms'] for r in layers), sum(r['slim_ms'] for r in layers)
     print(
       f'{label}: its {len(layers)} contractions alone take {full_sum:.1f} ms (full) and '
-      f'{slim_sum:.1f} ms (slim) of the {rows[0]["full_program_ms"]:.1f} and {rows[0]["slim_ms"]:.1f} ms '
-      'end to end. The layers whose slim time is furthest above their full time ÷ FLOPs ratio:'
+      f'{slim_sum:.1f} ms (slim) of the {runs["full, oto_jax program"]["ms"]:.1f} and '
+      f'{runs["slim"]["ms"]:.1f} ms end to end. The layers whose slim time is furthest above their '
+      'full time ÷ FLOPs ratio:'
     )
     print()
     print('| op | full shapes | slim shapes | full ms | slim ms | FLOPs ratio | time ratio | slim GFLOP/s |')
@@ -241,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         f'{r["slim_gflops"] / max(r["slim_ms"], 1e-9) * 1e3:.1f} |'
       )
     print()
-  print('VGG16-BN slim widths (group_divisible=1):', results['vgg16_bn'][0]['widths'])
+  print('VGG16-BN slim widths:', results['vgg16_bn']['widths'])
   print()
   cons = [construct_time(n) for n in ('resnet50', 'bert_base')]
   print('| model | construct_subnet first call s | target ≤ 0.5 s |')

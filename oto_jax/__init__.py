@@ -7,6 +7,7 @@ zero groups out and get a slimmer network that computes the same outputs.
 from oto_jax.analysis import zig_partition
 from oto_jax.budgets import Budget, flops_budget, params_budget
 from oto_jax.costs import CostModel
+from oto_jax.deploy import deploy_subnet
 from oto_jax.dhspg import DHSPGState, dhspg
 from oto_jax.errors import AnalysisError, NativeUnavailable, OTOError, ShapeSpecificError, SurgeryError
 from oto_jax.hesso import HESSOState, hesso
@@ -67,6 +68,7 @@ __all__ = [
   'construct_subnet',
   'count_flops',
   'count_params',
+  'deploy_subnet',
   'dhspg',
   'elementwise',
   'epsilon_by_layer',

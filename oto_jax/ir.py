@@ -163,6 +163,8 @@ class Eqn(_Located):
     entry: the primitive's :class:`~oto_jax.primitives.PrimitiveEntry`, or None when it has none.
     zero: the entry's :class:`~oto_jax.primitives.Zero` for this equation (None without entry).
     source: JAX's source info of the equation; ``sites`` that of the calls around it.
+    effectful: the equation has side effects (a callback, a print): it runs even when
+      nothing reads its results.
   """
 
   primitive: Any
@@ -173,6 +175,7 @@ class Eqn(_Located):
   zero: Any = None
   source: Any = None
   sites: tuple = ()
+  effectful: bool = False
 
   @property
   def name(self) -> str:
@@ -477,7 +480,17 @@ class Builder:
               table_reads[a] += 1
         if tainted:
           from_inputs.update(outs)
-        step = Eqn(eqn.primitive, eqn.params, tuple(args), tuple(outs), entry, None, eqn.source_info, sites)
+        step = Eqn(
+          eqn.primitive,
+          eqn.params,
+          tuple(args),
+          tuple(outs),
+          entry,
+          None,
+          eqn.source_info,
+          sites,
+          bool(eqn.effects),
+        )
         if entry is not None:
           zero = entry.zero
           step.zero = zero(step) if callable(zero) else zero

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from oto_jax.deploy import deploy_subnet
 from oto_jax.errors import ShapeSpecificError
 from oto_jax.ir import is_symbolic
 from oto_jax.partition import ZIGPartition
@@ -32,7 +33,9 @@ from oto_jax.surgery import Subnet, construct_subnet_from_keep
 _FORMAT = 1
 
 
-def export_subnet(subnet: Subnet, *args: Any, polymorphic: bool = True, **kwargs: Any) -> jax.export.Exported:
+def export_subnet(
+  subnet: Subnet, *args: Any, polymorphic: bool = True, fold_batchnorm: bool = True, **kwargs: Any
+) -> jax.export.Exported:
   """``Subnet.apply`` exported with ``jax.export``: one StableHLO for every batch size.
 
   With ``polymorphic`` (the default) the inputs keep the slim program's symbolic dimensions
@@ -45,6 +48,9 @@ def export_subnet(subnet: Subnet, *args: Any, polymorphic: bool = True, **kwargs
     *args: example inputs (arrays or ``jax.ShapeDtypeStruct``); optional, checked against the
       analysed signature. Without them the analysed shapes are used.
     polymorphic: keep the batch dimension symbolic.
+    fold_batchnorm: export :func:`oto_jax.deploy_subnet` of the subnet (per-channel scales and
+      shifts folded into the contraction before them, dead code dropped); it takes the same
+      variable leaves.
     **kwargs: keyword arguments; static ones must be those the model was analysed with.
 
   Returns:
@@ -59,6 +65,8 @@ def export_subnet(subnet: Subnet, *args: Any, polymorphic: bool = True, **kwargs
     leaves = jax.tree_util.tree_leaves(subnet.variables)
     y = jax.export.deserialize(blob).call(leaves, (x,), {})   # x of any batch size
   """
+  if fold_batchnorm:
+    subnet = deploy_subnet(subnet)
   sig = subnet.program.signature
   if args or kwargs:
     subnet._input_arrays(args, kwargs)  # the checks of a call: structure and static values

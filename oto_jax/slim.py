@@ -164,6 +164,7 @@ def _eqn(ctx: SlimContext, eqn: Eqn) -> SlimEqn:
     zero=eqn.zero,
     source=eqn.source,
     sites=eqn.sites,
+    effectful=eqn.effectful,
   )
   if not any(ctx.pruned(a) for a in eqn.ins):
     # Nothing sliced comes in: run as analysed, then keep what survives of the results.

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oto_jax import budgets, native, slicing, slim
+from oto_jax import budgets, checks, native, slicing, slim
 from oto_jax.budgets import Budget
 from oto_jax.errors import ShapeSpecificError, SurgeryError
 from oto_jax.ir import Program
@@ -231,7 +231,12 @@ def _slice_tree(cut: slim.SlimContext, part: ZIGPartition, tree: Any) -> Any:
 
 
 def construct_subnet(
-  partition: ZIGPartition, variables: Any, *, zig_ids: Any = None, allow_nonfinite: bool = False
+  partition: ZIGPartition,
+  variables: Any,
+  *,
+  zig_ids: Any = None,
+  allow_nonfinite: bool = False,
+  group_divisible: int = 1,
 ) -> Subnet:
   """Removes the zero ZIGs (or the given ones) and returns the slim model.
 
@@ -254,6 +259,10 @@ def construct_subnet(
       diverged run); with True, every ZIG with a non-finite member or dependent entry is
       kept (zeroed channels times NaN weights are NaN in the full model too), with a warning
       for those ``zig_ids`` asked to remove.
+    group_divisible: keep every node group's width a multiple of this, by keeping back removed
+      ZIGs (zeroed, so the slim model computes the same): a convolution at 36 channels can be
+      faster than at 33 (``experiments/bench_subnet.py`` measures it). Widths only grow, up to
+      the group's full width.
 
   Returns:
     A :class:`Subnet`. Nothing passed in is modified.
@@ -273,7 +282,7 @@ def construct_subnet(
     Chen et al., *Only Train Once*, NeurIPS 2021 (arXiv 2107.07467), section 3.3.
   """
   partition._program()
-  flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+  flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
   paths = tuple(path_of(p) for p, _ in flat)
   if paths != partition.variable_paths:
     raise ValueError(
@@ -316,7 +325,28 @@ def construct_subnet(
         stacklevel=2,
       )
     drop = drop & ~tainted[0]
-  return _make(partition, ~np.asarray(drop, bool), leaves, sliced=False)
+  keep = _complete(partition, ~np.asarray(drop, bool))
+  checks.at_least_one('group_divisible', group_divisible)
+  if isinstance(group_divisible, jax.core.Tracer):
+    raise ValueError('construct_subnet cuts outside jit: group_divisible cannot be traced.')
+  back = _round_up(partition, keep, int(group_divisible))
+  if back.any():
+    # Kept back, so zeroed: the slim model stays the full model with every `zig_ids` zeroed.
+    zeroed = jax.jit(partition.zero)(jax.tree_util.tree_unflatten(treedef, leaves), back)
+    leaves, keep = jax.tree_util.tree_leaves(zeroed), keep | back
+  return _make(partition, keep, leaves, sliced=False)
+
+
+def _round_up(partition: ZIGPartition, keep: np.ndarray, multiple: int) -> np.ndarray:
+  """The removed ZIGs to keep back so that every node group keeps a multiple of ``multiple``
+  (or all of its ZIGs), the first ones of each group."""
+  back = np.zeros_like(keep)
+  for g in partition.prunable_groups:
+    mine = keep[g.zig_offset : g.zig_offset + g.size]
+    want = min(g.size, -(-int(mine.sum()) // multiple) * multiple)
+    gone = np.flatnonzero(~mine)[: want - int(mine.sum())]
+    back[g.zig_offset + gone] = True
+  return back
 
 
 def _finite_along(x: Any, axis: int | None) -> np.ndarray:
@@ -377,17 +407,25 @@ def _make(partition: ZIGPartition, keep: np.ndarray, leaves: list, *, sliced: bo
     jax.device_put(np.array(x) if id(x) in given else x) if isinstance(x, np.ndarray) else x for x in leaves
   ]
   variables = jax.tree_util.tree_unflatten(prog.var_tree, leaves)
-  sig = slim_prog.signature
+  return subnet_of(partition, keep, variables, slim_prog, cut)
+
+
+def subnet_of(
+  partition: ZIGPartition, keep: np.ndarray, variables: Any, program: Program, cut: slim.SlimContext
+) -> Subnet:
+  """The :class:`Subnet` that runs ``program`` (a slim program, or one transformed from it)."""
+  sig = program.signature
 
   def run(leaves: list, arrays: list) -> list:
     env = slim.bind_inputs(sig.arrays, arrays, sig.fixed_reason)
-    return [jnp.asarray(o) for o in slim.evaluate(slim_prog, leaves, arrays, env)]
+    return [jnp.asarray(o) for o in slim.evaluate(program, leaves, arrays, env)]
 
   # One trace at the program's own (symbolic) input shapes checks every equation's result.
-  var_specs = [jax.ShapeDtypeStruct(shapes[v], slim_prog.values.dtypes[v]) for v in prog.variables]
+  values = program.values
+  var_specs = [jax.ShapeDtypeStruct(values.shapes[v], values.dtypes[v]) for v in program.variables]
   in_specs = [jax.ShapeDtypeStruct(x.sym, x.dtype) for x in sig.arrays]
-  jaxpr = jax.make_jaxpr(lambda v, a: slim.evaluate(slim_prog, v, a, None, check=True))(var_specs, in_specs)
-  return Subnet(partition, keep, variables, slim_prog, jaxpr, cut, jax.jit(run))
+  jaxpr = jax.make_jaxpr(lambda v, a: slim.evaluate(program, v, a, None, check=True))(var_specs, in_specs)
+  return Subnet(partition, keep, variables, program, jaxpr, cut, jax.jit(run))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
