@@ -10,7 +10,7 @@ from oto_jax.costs import CostModel
 from oto_jax.deploy import deploy_subnet
 from oto_jax.dhspg import DHSPGState, dhspg
 from oto_jax.errors import AnalysisError, NativeUnavailable, OTOError, ShapeSpecificError, SurgeryError
-from oto_jax.hesso import HESSOState, hesso
+from oto_jax.hesso import HESSOState, hesso, hesso_cric
 from oto_jax.hspg import HSPGState, hspg, prox_sg
 from oto_jax.ir import Literal, Program
 from oto_jax.metrics import count_flops, count_params, group_sparsity, zero_zigs
@@ -78,6 +78,7 @@ __all__ = [
   'group_sparsity',
   'half_space_projection',
   'hesso',
+  'hesso_cric',
   'hspg',
   'load_subnet',
   'params_budget',

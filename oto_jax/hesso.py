@@ -39,6 +39,11 @@ class HESSOState(NamedTuple):
     important_norm: L2 norm over the ZIGs that are neither pruned nor active, at the params
       the last update was computed from (one reduction a step; no extra pass).
     redundant_norm: L2 norm over the pruned and active ZIGs, likewise.
+    probe_score: float ``[num_zigs]``: with corrective cycles (:func:`hesso_cric`), the sum of
+      the loss increases measured while each ZIG was zeroed in this period's trials; a scalar 0
+      without.
+    probe_trials: int ``[num_zigs]``: how many trials zeroed each ZIG in this period (a scalar
+      0 without corrective cycles).
   """
 
   count: chex.Array
@@ -48,6 +53,8 @@ class HESSOState(NamedTuple):
   group_sparsity: chex.Array
   important_norm: chex.Array
   redundant_norm: chex.Array
+  probe_score: chex.Array
+  probe_trials: chex.Array
 
 
 def saliency(
@@ -95,6 +102,10 @@ def hesso(
   weight_decay: Any = 0.0,
   importance_weights: Mapping[str, float] | None = None,
   group_divisible: Any = 1,
+  cric_cycles: int = 0,
+  cric_subsets: int = 4,
+  cric_oversample: float = 2.0,
+  cric_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """HESSO: prunes exactly the ZIGs a target asks for, by a linear decay to zero.
 
@@ -139,10 +150,15 @@ def hesso(
     group_divisible: round every node group's kept width to a multiple of this (to the
       nearest multiple, at least one multiple); the number of pruned ZIGs then follows the
       rounding rather than the exact target.
+    cric_cycles: corrective cycles at the start of every period (0: plain HESSO); see
+      :func:`hesso_cric`, which sets them. ``update`` then needs ``value_fn``.
+    cric_subsets: trial subsets per cycle.
+    cric_oversample: candidates per ZIG the period removes.
+    cric_seed: seed of the trial subsets.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`HESSOState`;
-    ``update`` needs ``params``.
+    ``update`` needs ``params`` (and ``value_fn`` with corrective cycles).
 
   Raises:
     ValueError: a target outside [0, 1), both or neither of ``target_group_sparsity`` and
@@ -172,11 +188,23 @@ def hesso(
   )
   budget = budgets.as_budget(target_group_sparsity, target)
   concrete = not any(isinstance(v, jax.core.Tracer) for v in (pruning_steps, pruning_periods))
-  if concrete and int(np.asarray(pruning_steps)) < int(np.asarray(pruning_periods)):
+  if concrete and int(np.asarray(pruning_steps)) < int(np.asarray(pruning_periods)) * (cric_cycles + 1):
     raise ValueError(
-      f'pruning_steps ({pruning_steps}) must be at least pruning_periods ({pruning_periods}): '
-      'every period needs one step or more.'
+      f'pruning_steps ({pruning_steps}) must be at least pruning_periods ({pruning_periods})'
+      + (
+        f' × (cric_cycles + 1) = {int(np.asarray(pruning_periods)) * (cric_cycles + 1)}'
+        if cric_cycles
+        else ''
+      )
+      + ': every period needs one step or more'
+      + (' after its corrective cycles.' if cric_cycles else '.')
     )
+  if not (isinstance(cric_cycles, int) and cric_cycles >= 0):
+    raise ValueError(f'cric_cycles must be a whole number >= 0, got {cric_cycles!r}.')
+  if not (isinstance(cric_subsets, int) and cric_subsets >= 1):
+    raise ValueError(f'cric_subsets must be a whole number >= 1, got {cric_subsets!r}.')
+  if not cric_oversample >= 1.0:
+    raise ValueError(f'cric_oversample must be >= 1 (candidates per ZIG removed), got {cric_oversample!r}.')
   weights = dict(DEFAULT_IMPORTANCE if importance_weights is None else importance_weights)
   unknown = set(weights) - set(CRITERIA)
   if unknown:
@@ -197,11 +225,21 @@ def hesso(
       return jnp.zeros([], jnp.float32)
 
     pruned, active = jnp.zeros((n,), bool), jnp.zeros((n,), bool)
-    return HESSOState(jnp.zeros([], jnp.int32), base.init(params), pruned, active, f0(), f0(), f0())
+    # Without corrective cycles, scalars (checkpointers refuse empty arrays).
+    shape = (n,) if cric_cycles else ()
+    score, trials = jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32)
+    return HESSOState(
+      jnp.zeros([], jnp.int32), base.init(params), pruned, active, f0(), f0(), f0(), score, trials
+    )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     if params is None:
       raise ValueError(NO_PARAMS)
+    if cric_cycles and value_fn is None:
+      raise ValueError(
+        'hesso with corrective cycles (hesso_cric) probes the loss: pass value_fn, the loss as a function '
+        'of the params on this batch: tx.update(grads, state, params, value_fn=lambda p: loss(p, batch)).'
+      )
     d, inner = base.update(updates, state.inner, params, **extra_args)
     lr = value_at(learning_rate, state.count)
     seg = partition.segments(params)
@@ -215,19 +253,66 @@ def hesso(
     in_window = (rel >= 0) & (rel < periods * length)
     rel = jnp.maximum(rel, 0)
     period, t = rel // length, rel % length
+    progress = (period + 1).astype(jnp.float32) / periods.astype(jnp.float32)
 
-    def choose():
+    def key_and_allowed(probed=None):
       xd, dd = seg.sums((params, d), (d, d))
       sal = saliency(jnp.stack([xx, xd, dd]), seg.sizes, ~state.pruned, weights)
+      if probed is not None:
+        # Corrective: the mean loss increase a ZIG's trials measured joins its saliency; ZIGs
+        # no trial zeroed are not candidates and go last.
+        candidates, mean = probed
+        sal = jnp.where(candidates, sal + normalized(jnp.maximum(mean, 0.0), candidates), jnp.inf)
       key = sal / jnp.asarray(cost)
       allowed = ~state.pruned & budgets.eligible(partition, key, min_keep, first=state.pruned)
-      progress = (period + 1).astype(jnp.float32) / periods.astype(jnp.float32)
+      return key, allowed
+
+    def choose(key, allowed):
       removed = budgets.select(budget, partition, key, state.pruned, allowed, progress)
       if not (isinstance(group_divisible, int) and group_divisible == 1):
         removed = budgets.round_to_multiple(partition, removed, key, group_divisible) | state.pruned
       return removed & ~state.pruned
 
-    active = jax.lax.cond(in_window & (t == 0), choose, lambda: state.active) if n else state.active
+    score, trials = state.probe_score, state.probe_trials
+    if cric_cycles and n:
+
+      def probe():
+        # A cycle: the ZIGs HESSO would take now, oversampled, in random subsets; each subset
+        # zeroed in a copy of the params, its loss increase credited to its members.
+        key, allowed = key_and_allowed()
+        need = jnp.sum(choose(key, allowed))
+        order = jnp.argsort(jnp.where(allowed, key, jnp.inf))
+        rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+        take = jnp.ceil(cric_oversample * need).astype(jnp.int32)
+        candidates = allowed & (rank < take)
+        shuffle = jax.random.permutation(jax.random.fold_in(jax.random.key(cric_seed), state.count), n)
+        subset = shuffle % cric_subsets
+        base_loss = value_fn(params)
+
+        def trial(m):
+          zero = candidates & (subset == m)
+          trial_params = seg.map(
+            lambda x, z: jnp.where(z, jnp.zeros((), x.dtype), x), params, values=[zero], fills=[False]
+          )
+          return value_fn(trial_params) - base_loss
+
+        delta = jax.lax.map(trial, jnp.arange(cric_subsets))
+        fresh = t == 0
+        s0, n0 = jnp.where(fresh, 0.0, score), jnp.where(fresh, 0, trials)
+        gained = jnp.where(candidates, delta[subset].astype(jnp.float32), 0.0)
+        return s0 + gained, n0 + candidates.astype(jnp.int32)
+
+      score, trials = jax.lax.cond(in_window & (t < cric_cycles), probe, lambda: (score, trials))
+
+    def start():
+      if not cric_cycles:
+        return choose(*key_and_allowed())
+      mean = score / jnp.maximum(trials, 1).astype(jnp.float32)
+      return choose(*key_and_allowed((trials > 0, mean)))
+
+    active = jax.lax.cond(in_window & (t == cric_cycles), start, lambda: state.active) if n else state.active
+    # The decay runs over the period's steps after its corrective cycles.
+    length, t = length - cric_cycles, t - cric_cycles
     decay = ((length - t - 1) / (length - t)).astype(jnp.float32)
     factor = jnp.where(state.pruned, 0.0, jnp.where(active & in_window, decay, 1.0))
     step = jax.tree.map(lambda u: -lr * u, d)
@@ -251,9 +336,76 @@ def hesso(
       group_sparsity=fraction(factor == 0),
       important_norm=jnp.sqrt(jnp.sum(jnp.where(redundant, 0.0, xx))),
       redundant_norm=jnp.sqrt(jnp.sum(jnp.where(redundant, xx, 0.0))),
+      probe_score=score,
+      probe_trials=trials,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def hesso_cric(
+  partition: ZIGPartition,
+  learning_rate: ScalarOrSchedule,
+  *,
+  cycles: int = 4,
+  subsets: int = 4,
+  oversample: float = 2.0,
+  seed: int = 0,
+  **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """HESSO with corrective redundant identification cycles (HESSO-CRIC).
+
+  Before each period commits its ZIGs, ``cycles`` steps probe the loss. At every such step the
+  ``oversample × k`` not-yet-pruned ZIGs with the lowest saliency (``k``: the ZIGs the period
+  removes) are split at random into ``subsets`` subsets; each subset is zeroed in a copy of
+  the params (the params themselves are untouched: the reset is free) and the loss increase
+  is credited to its members,
+
+  .. math::
+    \\Delta_S = f(x \\odot \\mathbb{1}_{\\bar S}) - f(x), \\qquad
+    r_g = \\frac{1}{n_g} \\sum_{\\text{trials } S \\ni g} \\Delta_S .
+
+  After the cycles the period takes the ``k`` candidates with the lowest saliency plus the
+  normalised mean increase :math:`\\max(r_g, 0)` (per unit of cost under a FLOPs or parameter
+  budget), and decays them to zero over the period's remaining steps, as :func:`hesso` does.
+  ZIGs whose removal the saliency misjudged (small, but the loss needs them) are corrected
+  before any of them has started to decay. Training steps go on during the cycles.
+
+  ``update`` needs ``value_fn``: the loss as a function of the params, on the current batch::
+
+    updates, state = tx.update(grads, state, params, value_fn=lambda p: loss(p, batch))
+
+  Args:
+    partition: the model's :class:`~oto_jax.ZIGPartition`.
+    learning_rate: α, a float or an optax schedule.
+    cycles: probing steps at the start of every period (``pruning_steps // pruning_periods``
+      must exceed it).
+    subsets: trial subsets per cycle (``subsets + 1`` loss evaluations per probing step).
+    oversample: candidates per ZIG the period removes (≥ 1).
+    seed: seed of the random split into subsets.
+    **kwargs: every other argument of :func:`hesso` (the target, the window, the variant…).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`HESSOState`.
+
+  Example::
+
+    tx = oto_jax.hesso_cric(part, 1e-3, target=oto_jax.flops_budget(0.1), start_pruning_step=500,
+                            pruning_steps=2000, pruning_periods=4, variant='adamw')
+
+  References:
+    Chen et al., *HESSO: Towards Automatic Efficient and User Friendly Any Neural Network
+    Training and Pruning*, arXiv 2409.09085 (the corrective redundant identification cycle).
+  """
+  return hesso(
+    partition,
+    learning_rate,
+    cric_cycles=cycles,
+    cric_subsets=subsets,
+    cric_oversample=oversample,
+    cric_seed=seed,
+    **kwargs,
+  )
 
 
 def _check_room(partition: ZIGPartition, budget: budgets.Budget, group_divisible: Any) -> None:

@@ -374,8 +374,9 @@ def _zoo(name: str):
   return case, part, target
 
 
-def _train_zoo(name: str, tx, steps: int):
-  """Trains the ``params`` collection only (other collections are fixed inputs).
+def _train_zoo(name: str, tx, steps: int, *, probe: bool = False):
+  """Trains the ``params`` collection only (other collections are fixed inputs); ``probe``
+  hands the optimizer the loss (``value_fn``, for HESSO-CRIC).
 
   Returns:
     ``(params, state, losses [steps], norms [steps, N], state sparsity [steps])``, the norms
@@ -392,7 +393,8 @@ def _train_zoo(name: str, tx, steps: int):
     def body(carry, _):
       p, s = carry
       value, g = jax.value_and_grad(loss)(p, variables)
-      u, s = tx.update(g, s, p)
+      extra = {'value_fn': lambda q: loss(q, variables)} if probe else {}
+      u, s = tx.update(g, s, p, **extra)
       p = optax.apply_updates(p, u)
       return (p, s), (value, part.zig_norms(p), optax.tree_utils.tree_get(s, 'group_sparsity'))
 
@@ -484,6 +486,92 @@ def test_zoo_hesso_reaches_the_exact_target(name: str):
   np.testing.assert_array_equal(np.asarray(state.pruned), ~keep)
   assert not np.asarray(state.active).any()
   np.testing.assert_allclose(oto_jax.group_sparsity(part, params), k / n)
+
+
+def test_zoo_hesso_cric_reaches_the_exact_target():
+  """HESSO-CRIC probes for 3 steps at each period start, then decays over the 7 left: exactly
+  ⌊p/P · K⌋ ZIGs zero at each period end, K after; every trial's bookkeeping adds up."""
+  name = 'linen/vit1'
+  _, part, _ = _zoo(name)
+  k = part.num_zigs // 2
+  tx = oto_jax.hesso_cric(
+    part,
+    0.05,
+    cycles=3,
+    subsets=3,
+    target_group_sparsity=0.5,
+    start_pruning_step=20,
+    pruning_steps=40,
+    pruning_periods=4,
+    momentum=0.9,
+  )
+  params, state, losses, norms, sparsity = _train_zoo(name, tx, 80, probe=True)
+  _assert_trained(losses, norms, sparsity, 0)
+  count = (norms == 0).sum(axis=1)
+  for p in range(4):
+    end = 20 + 10 * (p + 1) - 1
+    assert count[end] == (p + 1) * k // 4, (p, count[end])
+  assert np.all(count[59:] == k)
+  np.testing.assert_array_equal(np.asarray(state.pruned), norms[-1] == 0)
+  # The last period's 3 cycles each zeroed ⌈2 · its k/4⌉ candidates (fewer than n are left).
+  trials = np.asarray(state.probe_trials)
+  assert trials.max() <= 3 and trials.sum() == 3 * int(np.ceil(2.0 * (k - 3 * k // 4))), trials
+  with pytest.raises(ValueError, match='pass value_fn'):
+    tx.update(params, tx.init(params), params)
+
+
+def test_cric_corrects_a_misjudged_saliency():
+  """Two columns whose weights are small but whose outputs a fixed ×10 amplifies: HESSO's
+  magnitude saliency removes them (the loss rises), HESSO-CRIC's probes keep them and remove
+  the two weakly used columns instead."""
+  rng = np.random.default_rng(0)
+  d, cols = 8, 8
+  scale = np.ones(cols, np.float32)
+  scale[:2] = 10.0
+  w_star = rng.standard_normal((d, cols)).astype(np.float32)
+  w_star[:, :2] *= 0.1  # outputs ~1 after the ×10
+  w_star[:, 6:] *= 0.3  # outputs ~0.3: the ones to remove
+  x = rng.standard_normal((256, d)).astype(np.float32)
+  y = x @ w_star * scale
+
+  def apply(v, x):  # a fixed identity read-out, so that the columns are not the model's output
+    return (x @ v['params']['w']) * v['consts']['scale'] @ v['consts']['out']
+
+  consts = {'scale': jnp.asarray(scale), 'out': jnp.eye(cols)}
+  variables = {'params': {'w': jnp.zeros((d, cols))}, 'consts': consts}
+  part = oto_jax.zig_partition(apply, variables, x[:2])
+  assert part.num_zigs == cols
+
+  def loss(p):
+    return jnp.mean(jnp.square(apply({**variables, 'params': p}, x) - y))
+
+  common = dict(target_group_sparsity=0.25, start_pruning_step=150, pruning_steps=20, momentum=0.0)
+  only_magnitude = {'magnitude': 1.0}
+  results = {}
+  for label, tx in (
+    ('hesso', oto_jax.hesso(part, 0.05, importance_weights=only_magnitude, **common)),
+    (
+      'cric',
+      oto_jax.hesso_cric(part, 0.05, cycles=2, subsets=cols, importance_weights=only_magnitude, **common),
+    ),
+  ):
+
+    @_fast_jit
+    def train(p, tx=tx):
+      def body(carry, _):
+        p, s = carry
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p, value_fn=loss)
+        return (optax.apply_updates(p, u), s), None
+
+      (p, s), _ = jax.lax.scan(body, (p, tx.init(p)), None, length=300)
+      return p, s
+
+    p, s = train(variables['params'])
+    results[label] = (np.flatnonzero(np.asarray(s.pruned)).tolist(), float(loss(p)))
+  assert results['hesso'][0] == [0, 1], results
+  assert results['cric'][0] == [6, 7], results
+  assert results['cric'][1] < 0.5 * results['hesso'][1], results
 
 
 def _restore_gain(model: oto_jax.CostModel, keep: np.ndarray) -> float:
@@ -857,6 +945,11 @@ def test_hesso_rejects_bad_arguments():
   _bad(lambda: oto_jax.params_budget(1.5), 'A params ' + budget + ' 1.5')
   with pytest.raises(TypeError, match='target must be a Budget'):
     oto_jax.hesso(part, 0.1, target=0.5, pruning_steps=10, momentum=0.9)
+  cric = lambda **over: lambda: oto_jax.hesso_cric(part, 0.1, **{**kw, **over})
+  _bad(cric(cycles=4, pruning_steps=8, pruning_periods=2), r'pruning_steps \(8\) must be at least .* = 10')
+  _bad(cric(subsets=0), 'cric_subsets must be a whole number >= 1, got 0')
+  _bad(cric(oversample=0.5), 'cric_oversample must be >= 1')
+  _bad(make(cric_cycles=-1), 'cric_cycles must be a whole number >= 0, got -1')
 
 
 def test_zoo_target_that_empties_a_node_group_is_rejected():
