@@ -24,20 +24,6 @@ import oto_jax
 from experiments import models
 
 
-class DigitsCNN(nn.Module):
-  """A small VGG-style CNN for 8x8 handwritten digits (scikit-learn's bundled set)."""
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    for width in (16, 32):
-      x = nn.Conv(width, (3, 3))(x)
-      x = nn.BatchNorm(use_running_average=not train)(x)
-      x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(64)(x))
-    return nn.Dense(10)(x)
-
-
 def _gist(reason: str) -> str:
   """A reason without its location or group number, to list each kind of reason once."""
   return reason.split(' at ')[0].split(' with node group')[0]
@@ -53,7 +39,11 @@ def main() -> None:
   args = parser.parse_args()
 
   cases = [
-    ('DigitsCNN (8x8x1)', DigitsCNN(), jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)),
+    (
+      'DigitsCNN (8x8x1)',
+      models.DigitsCNN(stages=((16,), (32,)), hidden=64),
+      jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32),
+    ),
     ('ResNet-50 (224x224)', models.ResNet50(), jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)),
     ('BERT-base (seq 128)', models.BertEncoder(), jax.ShapeDtypeStruct((1, 128), jnp.int32)),
     ('Llama-7B shape (seq 128)', models.LlamaDecoder(), jax.ShapeDtypeStruct((1, 128), jnp.int32)),

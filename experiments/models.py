@@ -1,6 +1,12 @@
-"""Large reference models in Flax linen, for benchmarks and experiments.
+"""Reference models in Flax linen, for benchmarks and experiments.
 
-Five families, each with configurable sizes and defaults that match the published model:
+The small models of the embedded-data runs, one definition each (``experiments.train``,
+``demo`` and ``frontier`` share them):
+
+* :class:`DigitsCNN` (8x8 digits), :class:`Conv1DNet` (MNIST-1D), :class:`SequenceEncoder`
+  (MNIST-1D read as a sequence by a small transformer encoder).
+
+Five large families, each with configurable sizes and defaults that match the published model:
 
 * :class:`VGG` (defaults: VGG16-BN for CIFAR-10).
 * :class:`ResNet` (defaults: ResNet-50 for 224x224 ImageNet), with bottleneck or basic
@@ -30,6 +36,72 @@ import jax.numpy as jnp
 
 Dtype = Any
 Array = jax.Array
+
+# ---------------------------------------------------------------------------------------------
+# The small models.
+
+
+class DigitsCNN(nn.Module):
+  """A VGG-style CNN for 8x8 digits: per stage, 3x3 convs (BN, ReLU) then a 2x2 max pool; a
+  hidden dense layer. The defaults (conv 32-32, pool, conv 64-64, pool, dense 128) are the
+  ``digits_vgg`` configuration's."""
+
+  num_classes: int = 10
+  stages: Sequence[Sequence[int]] = ((32, 32), (64, 64))
+  hidden: int = 128
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    for widths in self.stages:
+      for w in widths:
+        x = nn.Conv(w, (3, 3), use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+      x = nn.max_pool(x, (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class Conv1DNet(nn.Module):
+  """A 1-D CNN for MNIST-1D (40 samples): three strided convs (BN, ReLU) and a dense head."""
+
+  num_classes: int = 10
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    for stride in (1, 2, 2):
+      x = nn.Conv(self.width, (5,), strides=(stride,), use_bias=False)(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(128)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class SequenceEncoder(nn.Module):
+  """A small pre-norm transformer encoder over a ``[batch, length, features]`` sequence
+  (MNIST-1D: 40 tokens of one value): a dense embedding plus learned positions, ``layers``
+  blocks of multi-head self-attention and a GELU MLP, mean pooling, a dense head."""
+
+  num_classes: int = 10
+  dim: int = 64
+  heads: int = 4
+  mlp_dim: int = 128
+  layers: int = 2
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    x = nn.Dense(self.dim, name='embed')(x)
+    x = x + self.param('position', nn.initializers.normal(0.02), (x.shape[1], self.dim))
+    for i in range(self.layers):
+      h = nn.LayerNorm(name=f'block{i}_attention_norm')(x)
+      x = x + nn.MultiHeadDotProductAttention(self.heads, name=f'block{i}_attention')(h, h)
+      h = nn.LayerNorm(name=f'block{i}_mlp_norm')(x)
+      h = nn.gelu(nn.Dense(self.mlp_dim, name=f'block{i}_mlp_in')(h))
+      x = x + nn.Dense(self.dim, name=f'block{i}_mlp_out')(h)
+    x = nn.LayerNorm(name='final_norm')(x).mean(axis=1)
+    return nn.Dense(self.num_classes, name='head')(x)
+
 
 # ---------------------------------------------------------------------------------------------
 # ResNet

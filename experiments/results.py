@@ -33,7 +33,7 @@ from typing import Any
 
 import jax
 
-from experiments import convex, train
+from experiments import convex, frontier, train
 from experiments.configs import CONFIGS, Config
 from experiments.convex import mean_std
 
@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     'plot': args.plot.name,
   }
   text = markdown(rows, convex_rows, meta)
-  args.out.write_text(text)
+  # The frontier section is experiments.frontier's: carried over as it is.
+  kept = frontier.section(args.out.read_text()) if args.out.exists() else None
+  args.out.write_text(text if kept is None else frontier.replace_section(text, kept))
   # The convex rows' per-epoch curves stay out: the file keeps what the tables show.
   convex_summary = [{k: v for k, v in r.items() if not k.endswith('_per_epoch')} for r in convex_rows]
   args.json.write_text(json.dumps({'meta': meta, 'runs': rows, 'convex': convex_summary}, indent=1))

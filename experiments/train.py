@@ -62,47 +62,14 @@ from experiments.configs import CONFIGS, Config, ConfigError
 # Models.
 
 
-class DigitsVGG(nn.Module):
-  """A small VGG-style CNN for 8x8 digits: conv 32-32, pool, conv 64-64, pool, dense 128."""
-
-  num_classes: int = 10
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    for widths in ((32, 32), (64, 64)):
-      for w in widths:
-        x = nn.Conv(w, (3, 3), use_bias=False)(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-      x = nn.max_pool(x, (2, 2), (2, 2))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(128)(x))
-    return nn.Dense(self.num_classes)(x)
-
-
-class Conv1DNet(nn.Module):
-  """A 1-D CNN for mnist1d (40 samples): three strided convs of 64 channels and a dense head."""
-
-  num_classes: int = 10
-  width: int = 64
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    for stride in (1, 2, 2):
-      x = nn.Conv(self.width, (5,), strides=(stride,), use_bias=False)(x)
-      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(128)(x))
-    return nn.Dense(self.num_classes)(x)
-
-
 # Each builds a model for a number of classes; keyword arguments (``model_kwargs`` of the config)
 # override the defaults.
 MODELS: dict[str, Callable[..., nn.Module]] = {
-  'digits_vgg': lambda c, **kw: DigitsVGG(**{'num_classes': c, **kw}),
+  'digits_vgg': lambda c, **kw: models.DigitsCNN(**{'num_classes': c, **kw}),
   'digits_resnet': lambda c, **kw: models.ResNet(
     **{'stage_sizes': (1, 1, 1), 'block': 'basic', 'width': 16, 'num_classes': c, 'cifar_stem': True, **kw}
   ),
-  'mnist1d_cnn': lambda c, **kw: Conv1DNet(**{'num_classes': c, **kw}),
+  'mnist1d_cnn': lambda c, **kw: models.Conv1DNet(**{'num_classes': c, **kw}),
   'vgg16': lambda c, **kw: models.VGG(**{'batch_norm': False, 'num_classes': c, **kw}),
   'vgg16_bn': lambda c, **kw: models.VGG(**{'batch_norm': True, 'num_classes': c, **kw}),
   'resnet50_cifar': lambda c, **kw: models.ResNet50(**{'num_classes': c, 'cifar_stem': True, **kw}),
