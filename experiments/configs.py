@@ -58,7 +58,7 @@ class Config:
 
   name: str
   dataset: str = _ruled(one_of('digits', 'mnist1d', 'cifar10', 'imagenet', 'squad'))
-  model: str  # a key of experiments.train.MODELS
+  model: str  # a key of experiments.models.MODELS
   model_kwargs: dict = dataclasses.field(default_factory=dict)
   optimizer: str = _ruled(one_of('hesso', 'hspg', 'dhspg', 'prox_sg'), 'hesso')
   epochs: int = _ruled(AT_LEAST_ONE, 60)

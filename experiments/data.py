@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.configs import Config
+
 PathLike = str | os.PathLike
 
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
@@ -448,7 +450,7 @@ def squad_features(files: SquadFiles, *, lower: bool = True) -> Dataset:
   """
   from experiments import squad as squad_lib
 
-  tok = squad_lib.WordPiece.from_file(files.vocab, lower=lower)
+  tok = squad_lib.tokenizer(files.vocab, lower=lower)
   train = squad_lib.featurize(squad_lib.read_examples(files.train), tok)
   dev = squad_lib.featurize(squad_lib.read_examples(files.dev), tok)
   return Dataset(train.x, train.y, dev.x, dev.y, 2, 'squad', eval_data=dev)
@@ -550,3 +552,19 @@ def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
     if isinstance(item, BaseException):
       raise item
     yield item
+
+
+def load(cfg: Config, seed: int) -> Dataset:
+  if cfg.dataset == 'digits':
+    return digits(seed=seed)
+  if cfg.dataset == 'mnist1d':
+    return mnist1d()  # the published dataset (the generator's own seed)
+  if cfg.dataset == 'cifar10':
+    ds = cifar10(cfg.data_dir)
+    norm = lambda x: (x - CIFAR10_MEAN) / CIFAR10_STD  # noqa: E731
+    return ds._replace(x_train=norm(ds.x_train), x_test=norm(ds.x_test))
+  if cfg.dataset == 'imagenet':
+    return imagenet_images(imagenet(cfg.data_dir))
+  if cfg.dataset == 'squad':
+    return squad_features(squad(cfg.data_dir))
+  raise ValueError(f'Unknown dataset {cfg.dataset!r}.')

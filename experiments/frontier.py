@@ -71,17 +71,15 @@ class Task:
   depgraph_lambdas: tuple[float, ...]
 
 
-_GRIDS = dict(
-  lrs=(0.02, 0.05, 0.1), hspg_lambdas=(3e-3, 1e-2, 3e-2, 1e-1), depgraph_lambdas=(1e-4, 1e-3, 1e-2)
-)
+_GRIDS = dict(lrs=(0.05, 0.1), hspg_lambdas=(1e-2, 3e-2, 1e-1), depgraph_lambdas=(1e-4, 1e-3))
 TASKS = {
-  'digits': Task('digits', lambda: data_lib.digits(seed=0), lambda c: models.DigitsCNN(c), 40, 64, **_GRIDS),
-  'mnist1d': Task('mnist1d', data_lib.mnist1d, lambda c: models.Conv1DNet(c), 30, 100, **_GRIDS),
+  'digits': Task('digits', lambda: data_lib.digits(seed=0), lambda c: models.DigitsCNN(c), 20, 64, **_GRIDS),
+  'mnist1d': Task('mnist1d', data_lib.mnist1d, lambda c: models.Conv1DNet(c), 16, 100, **_GRIDS),
   'mnist1d_transformer': Task(
     'mnist1d_transformer',
     data_lib.mnist1d,
     lambda c: models.SequenceEncoder(num_classes=c, dim=32, mlp_dim=64),
-    30,
+    12,
     100,
     **_GRIDS,
   ),

@@ -27,12 +27,14 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from experiments.configs import Config
 
 Dtype = Any
 Array = jax.Array
@@ -898,3 +900,28 @@ class ViT(nn.Module):
     return nn.Dense(
       self.num_classes, kernel_init=_normal02, dtype=self.dtype, param_dtype=self.param_dtype, name='head'
     )(x[:, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The models the configurations name.
+
+
+# Each builds a model for a number of classes; keyword arguments (``model_kwargs`` of the config)
+# override the defaults.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+  'digits_vgg': lambda c, **kw: DigitsCNN(**{'num_classes': c, **kw}),
+  'digits_resnet': lambda c, **kw: ResNet(
+    **{'stage_sizes': (1, 1, 1), 'block': 'basic', 'width': 16, 'num_classes': c, 'cifar_stem': True, **kw}
+  ),
+  'mnist1d_cnn': lambda c, **kw: Conv1DNet(**{'num_classes': c, **kw}),
+  'vgg16': lambda c, **kw: VGG(**{'batch_norm': False, 'num_classes': c, **kw}),
+  'vgg16_bn': lambda c, **kw: VGG(**{'batch_norm': True, 'num_classes': c, **kw}),
+  'resnet50_cifar': lambda c, **kw: ResNet50(**{'num_classes': c, 'cifar_stem': True, **kw}),
+  'resnet50': lambda c, **kw: ResNet50(**{'num_classes': c, **kw}),
+  'bert_squad': lambda c, **kw: BertForSpans(**kw),  # always two outputs: start and end
+}
+
+
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+  """The config's model, with its ``model_kwargs``."""
+  return MODELS[cfg.model](num_classes, **cfg.model_kwargs)

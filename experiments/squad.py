@@ -1,6 +1,7 @@
-"""SQuAD v1.1 for BERT: WordPiece tokenisation, sliding-window features, span decoding, EM and F1.
+"""SQuAD v1.1 for BERT: sliding-window features, span decoding, EM and F1.
 
-Everything is read from the user's directory (nothing is downloaded): ``train-v1.1.json``,
+Tokenisation is BERT's WordPiece from the ``tokenizers`` library (windows by its overflow,
+words by its character offsets). Everything is read from the user's directory (nothing is downloaded): ``train-v1.1.json``,
 ``dev-v1.1.json`` and the WordPiece vocabulary of the BERT checkpoint to fine-tune
 (``vocab.txt``, e.g. from ``bert-base-uncased``). The features follow BERT's original
 ``run_squad.py`` recipe: ``[CLS] question [SEP] context window [SEP]`` with the question cut
@@ -26,8 +27,7 @@ import dataclasses
 import json
 import re
 import string
-import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,102 +36,24 @@ import numpy as np
 MAX_SEQ_LEN, DOC_STRIDE, MAX_QUERY_LEN, MAX_ANSWER_LEN = 384, 128, 64, 30
 
 
-class WordPiece:
-  """BERT's tokeniser: basic splitting (whitespace, punctuation, CJK, optional lower-casing and
-  accent stripping), then greedy longest-match-first WordPiece over ``vocab``.
+def tokenizer(vocab: str | Path, lower: bool = True) -> Any:
+  """BERT's WordPiece tokeniser (``tokenizers``) from a checkpoint's ``vocab.txt``.
 
-  Args:
-    vocab: token → id (the lines of ``vocab.txt`` in order).
-    lower: lower-case and strip accents (the ``uncased`` checkpoints).
+  Basic splitting (whitespace, punctuation, CJK characters, control characters dropped), then
+  greedy longest-match-first pieces; ``lower`` lower-cases and strips accents (the ``uncased``
+  checkpoints).
+
+  Raises:
+    ValueError: the vocabulary lacks one of BERT's special tokens.
   """
+  from tokenizers import BertWordPieceTokenizer
 
-  def __init__(self, vocab: dict[str, int], lower: bool = True, max_chars: int = 100):
-    for special in ('[UNK]', '[CLS]', '[SEP]', '[PAD]'):
-      if special not in vocab:
-        raise ValueError(f'The vocabulary lacks {special}; pass the vocab.txt of a BERT checkpoint.')
-    self.vocab, self.lower, self.max_chars = vocab, lower, max_chars
-
-  @classmethod
-  def from_file(cls, path: str | Path, lower: bool = True) -> WordPiece:
-    """Reads ``vocab.txt``: one token per line, ids in line order."""
-    with open(path, encoding='utf-8') as f:
-      return cls({line.rstrip('\n'): i for i, line in enumerate(f)}, lower)
-
-  def basic(self, text: str) -> list[str]:
-    """Whitespace and punctuation splitting (and lower-casing without accents when ``lower``)."""
-    chars = []
-    for ch in text:
-      cp = ord(ch)
-      if cp == 0 or cp == 0xFFFD or (unicodedata.category(ch) in ('Cc', 'Cf') and ch not in '\t\n\r'):
-        continue
-      if _is_cjk(cp):
-        chars += [' ', ch, ' ']
-      else:
-        chars.append(' ' if ch.isspace() else ch)
-    out = []
-    for word in ''.join(chars).split():
-      if self.lower:
-        word = ''.join(
-          c for c in unicodedata.normalize('NFD', word.lower()) if unicodedata.category(c) != 'Mn'
-        )
-      piece = ''
-      for ch in word:
-        if _is_punctuation(ch):
-          if piece:
-            out.append(piece)
-          out.append(ch)
-          piece = ''
-        else:
-          piece += ch
-      if piece:
-        out.append(piece)
-    return out
-
-  def wordpiece(self, word: str) -> list[str]:
-    """Greedy longest-match-first pieces of one word (``[UNK]`` when it cannot be covered)."""
-    if len(word) > self.max_chars:
-      return ['[UNK]']
-    pieces, start = [], 0
-    while start < len(word):
-      end = len(word)
-      while end > start:
-        piece = word[start:end] if start == 0 else '##' + word[start:end]
-        if piece in self.vocab:
-          break
-        end -= 1
-      if end == start:
-        return ['[UNK]']
-      pieces.append(piece)
-      start = end
-    return pieces
-
-  def tokenize(self, text: str) -> list[str]:
-    return [p for w in self.basic(text) for p in self.wordpiece(w)]
-
-  def ids(self, tokens: Sequence[str]) -> list[int]:
-    return [self.vocab.get(t, self.vocab['[UNK]']) for t in tokens]
-
-
-def _is_punctuation(ch: str) -> bool:
-  cp = ord(ch)
-  # BERT counts every non-alphanumeric ASCII character as punctuation, e.g. '$' and '^'.
-  if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-    return True
-  return unicodedata.category(ch).startswith('P')
-
-
-def _is_cjk(cp: int) -> bool:
-  ranges = (
-    (0x4E00, 0x9FFF),
-    (0x3400, 0x4DBF),
-    (0x20000, 0x2A6DF),
-    (0x2A700, 0x2B73F),
-    (0x2B740, 0x2B81F),
-    (0x2B820, 0x2CEAF),
-    (0xF900, 0xFAFF),
-    (0x2F800, 0x2FA1F),
-  )
-  return any(lo <= cp <= hi for lo, hi in ranges)
+  with open(vocab, encoding='utf-8') as f:
+    tokens = {line.rstrip('\n') for line in f}
+  for special in ('[UNK]', '[CLS]', '[SEP]', '[PAD]'):
+    if special not in tokens:
+      raise ValueError(f'The vocabulary lacks {special}; pass the vocab.txt of a BERT checkpoint.')
+  return BertWordPieceTokenizer(str(vocab), lowercase=lower, strip_accents=lower)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,45 +117,54 @@ class Features:
 
 def featurize(
   examples: list[Example],
-  tok: WordPiece,
+  tok: Any,
   max_len: int = MAX_SEQ_LEN,
   stride: int = DOC_STRIDE,
   max_query: int = MAX_QUERY_LEN,
 ) -> Features:
-  """Sliding-window features of ``examples`` (see the module docstring)."""
+  """Sliding-window features of ``examples`` (see the module docstring), with ``tok`` from
+  :func:`tokenizer`: the question is cut to ``max_query`` tokens, the context is split into
+  windows by the tokeniser's overflow (one window every ``stride`` context tokens), and every
+  context token is mapped to its whitespace word through its character offsets."""
   xs, ys, ex_ids, words = [], [], [], []
-  cls, sep = tok.vocab['[CLS]'], tok.vocab['[SEP]']
   for e_id, ex in enumerate(examples):
-    query = tok.ids(tok.tokenize(ex.question))[:max_query]
-    doc, doc_word, first_token = [], [], []
-    for w, word in enumerate(ex.words):
-      first_token.append(len(doc))
-      pieces = tok.ids(tok.tokenize(word))
-      doc += pieces
-      doc_word += [w] * len(pieces)
+    question = tok.encode(ex.question, add_special_tokens=False)
+    q_text = (
+      ex.question[: question.offsets[max_query - 1][1]] if len(question.ids) > max_query else ex.question
+    )
+    n_query = min(len(question.ids), max_query)
+    room = max_len - n_query - 3
+    # The tokeniser's stride is the overlap between windows; the recipe's is the step.
+    tok.enable_truncation(max_len, stride=max(room - stride, 0), strategy='only_second')
+    context = ' '.join(ex.words)
+    first = tok.encode(q_text, context)
+    char_word = np.repeat(np.arange(len(ex.words)), [len(w) + 1 for w in ex.words])
+    word_start = np.cumsum([0] + [len(w) + 1 for w in ex.words])
     answer = None
     if ex.answer_start >= 0:
-      w0 = ex.char_to_word[ex.answer_start]
-      w1 = ex.char_to_word[min(ex.answer_start + len(ex.answers[0]) - 1, len(ex.char_to_word) - 1)]
-      answer = (first_token[w0], (first_token[w1 + 1] if w1 + 1 < len(first_token) else len(doc)) - 1)
-    room = max_len - len(query) - 3
-    start = 0
-    while True:
-      length = min(len(doc) - start, room)
-      ids = [cls, *query, sep, *doc[start : start + length], sep]
-      types = [0] * (len(query) + 2) + [1] * (length + 1)
-      word = [-1] * (len(query) + 2) + doc_word[start : start + length] + [-1]
+      answer = (
+        ex.char_to_word[ex.answer_start],
+        ex.char_to_word[min(ex.answer_start + len(ex.answers[0]) - 1, len(ex.char_to_word) - 1)],
+      )
+    for enc in (first, *first.overflowing):
+      seq = enc.sequence_ids
+      word = [int(char_word[a]) if s == 1 else -1 for (a, _), s in zip(enc.offsets, seq)]
       label = (0, 0)
-      if answer is not None and start <= answer[0] and answer[1] < start + length:
-        label = (answer[0] - start + len(query) + 2, answer[1] - start + len(query) + 2)
-      pad = max_len - len(ids)
-      xs.append(np.array([ids + [0] * pad, types + [0] * pad], np.int32))
+      inside = [i for i, w in enumerate(word) if answer is not None and answer[0] <= w <= answer[1]]
+      # A label only when the window holds the whole answer: the first token of its first word
+      # (it starts where the word starts) to the last of its last word (it ends where it ends).
+      if (
+        inside
+        and enc.offsets[inside[0]][0] == word_start[answer[0]]
+        and enc.offsets[inside[-1]][1] == word_start[answer[1]] + len(ex.words[answer[1]])
+      ):
+        label = (inside[0], inside[-1])
+      pad = max_len - len(enc.ids)
+      xs.append(np.array([enc.ids + [0] * pad, enc.type_ids + [0] * pad], np.int32))
       ys.append(label)
       ex_ids.append(e_id)
       words.append(word + [-1] * pad)
-      if start + length >= len(doc):
-        break
-      start += min(length, stride)
+  tok.no_truncation()
   return Features(
     np.stack(xs) if xs else np.zeros((0, 2, max_len), np.int32),
     np.asarray(ys, np.int32).reshape(-1, 2),

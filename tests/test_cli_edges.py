@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import train
+from experiments import checkpoints, data, train
 from experiments.configs import CONFIGS
 
 # A two-epoch HESSO run of the OTO model alone: the smallest run that keeps two checkpoints.
@@ -46,10 +46,10 @@ def _leftovers(root) -> list[str]:
 def no_work(monkeypatch):
   """Fails the test if the run gets as far as loading data."""
 
-  def load_data(*args, **kwargs):
+  def load(*args, **kwargs):
     raise AssertionError('the run started before its inputs were checked')
 
-  monkeypatch.setattr(train, 'load_data', load_data)
+  monkeypatch.setattr(data, 'load', load)
 
 
 @pytest.mark.parametrize(
@@ -185,12 +185,12 @@ def test_non_finite_checkpoint_falls_back(finished, tmp_path, monkeypatch, capsy
   shutil.copytree(finished / 'ckpt_oto', ckpt)
   shutil.rmtree(ckpt / '2')
   cfg = train.parse_set(CONFIGS['digits_vgg'], SETS)
-  ds = train.load_data(cfg, 0)
+  ds = data.load(cfg, 0)
   task_loss = train.task_loss
   monkeypatch.setattr(train, 'task_loss', lambda logits, y: jnp.nan * task_loss(logits, y))
   train.train(cfg, 'hesso', ds, seed=0, ckpt_dir=str(ckpt), resume=True, progress=False)
   monkeypatch.undo()
-  assert train.checkpoint_problem(str(ckpt / '2')) is None  # the NaN step is intact, as written
+  assert checkpoints.checkpoint_problem(str(ckpt / '2')) is None  # the NaN step is intact, as written
   capsys.readouterr()
   run = train.train(cfg, 'hesso', ds, seed=0, ckpt_dir=str(ckpt), resume=True, progress=False)
   err = capsys.readouterr().err

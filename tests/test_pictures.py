@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import oto_jax
-from experiments import train
+from experiments import reports, train
 from experiments.configs import CONFIGS
 
 
@@ -55,7 +55,7 @@ def test_widths_name_the_producing_layers(run):
   assert names == ['Conv_0', 'Conv_1', 'Conv_2', 'Conv_3', 'Dense_0'], names
   assert all(0 < w['slim'] <= w['full'] for w in r['widths'])
   assert (out / 'widths.png').stat().st_size > 0
-  (ax,) = train.widths_figure(r).axes
+  (ax,) = reports.widths_figure(r).axes
   assert [t.get_text() for t in ax.get_yticklabels()] == names
   assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
   assert len(ax.patches) == 2 * len(names)  # a full and a slim bar per layer
@@ -64,7 +64,7 @@ def test_widths_name_the_producing_layers(run):
 def test_curves_label_every_panel_and_log_the_loss(run):
   r, out = run
   assert (out / 'curves.png').stat().st_size > 0
-  axes = train.curves_figure(r).axes
+  axes = reports.curves_figure(r).axes
   assert [ax.get_title() for ax in axes] == ['test accuracy', 'train loss', 'group sparsity']
   assert all(ax.get_ylabel() and ax.get_xlabel() == 'epoch' for ax in axes)
   assert [ax.get_yscale() for ax in axes] == ['linear', 'log', 'linear']

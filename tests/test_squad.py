@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,18 +18,35 @@ def fake(tmp_path_factory):
   root = tmp_path_factory.mktemp('squad')
   write_fake_squad(root)
   files = data.squad(root)
-  return files, squad.WordPiece.from_file(files.vocab)
+  return files, squad.tokenizer(files.vocab)
 
 
-def test_wordpiece(fake):
+def test_wordpiece(fake, tmp_path):
   """Lower-casing, accent stripping, punctuation splitting, greedy pieces, [UNK]."""
   _, tok = fake
-  assert tok.tokenize('Thé BRONCOS, in 2016!') == ['the', 'bro', '##ncos', ',', 'in', '2016', '[UNK]']
-  assert tok.tokenize("Levi's\tstadium") == ['levi', "'", 's', 'stadium']
-  assert tok.tokenize('broncosx') == ['[UNK]']  # no piece covers the tail
-  assert tok.ids(['the', 'nope']) == [tok.vocab['the'], tok.vocab['[UNK]']]
+
+  def tokens(text):
+    return tok.encode(text, add_special_tokens=False).tokens
+
+  assert tokens('Thé BRONCOS, in 2016!') == ['the', 'bro', '##ncos', ',', 'in', '2016', '[UNK]']
+  assert tokens("Levi's\tstadium") == ['levi', "'", 's', 'stadium']
+  assert tokens('broncosx') == ['[UNK]']  # no piece covers the tail
+  (tmp_path / 'vocab.txt').write_text('[UNK]\nthe\n')
   with pytest.raises(ValueError, match=r'lacks \[CLS\]'):
-    squad.WordPiece({'[UNK]': 0})
+    squad.tokenizer(tmp_path / 'vocab.txt')
+
+
+def test_features_equal_the_hand_written_tokeniser(fake):
+  """The features equal those of the WordPiece tokeniser and windowing this module wrote by hand
+  before it used `tokenizers` (its output on the fake SQuAD, kept in tests/data), at BERT's
+  384/128 and at short windows that cut words and answers."""
+  files, tok = fake
+  examples = squad.read_examples(files.dev)
+  want = np.load(pathlib.Path(__file__).parent / 'data' / 'squad_features_handwritten.npz')
+  for max_len, stride in ((384, 128), (16, 3), (24, 5)):
+    feats = squad.featurize(examples, tok, max_len=max_len, stride=stride)
+    for key in ('x', 'y', 'example', 'word'):
+      np.testing.assert_array_equal(getattr(feats, key), want[f'{key}_{max_len}_{stride}'], err_msg=key)
 
 
 def test_features_label_the_answer_in_every_window_that_holds_it(fake):
@@ -43,7 +62,7 @@ def test_features_label_the_answer_in_every_window_that_holds_it(fake):
     for f, (a, b) in enumerate(feats.y):
       ex = examples[feats.example[f]]
       ids, types = feats.x[f]
-      assert ids[0] == tok.vocab['[CLS]'] and types[0] == 0
+      assert ids[0] == tok.token_to_id('[CLS]') and types[0] == 0
       if (a, b) == (0, 0):
         continue
       assert types[a] == 1 and a <= b

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import oto_jax
-from experiments import baselines, train
+from experiments import baselines, data, models, reports, train
 from experiments.configs import CONFIGS
 from tests.fakes import write_fake_cifar, write_fake_imagenet, write_fake_squad
 
@@ -25,7 +25,7 @@ def _tiny(name: str, **more):
 def test_every_config_is_known_to_the_cli():
   """Every config names a model and dataset the CLI knows."""
   for cfg in CONFIGS.values():
-    assert cfg.model in train.MODELS, cfg.name
+    assert cfg.model in models.MODELS, cfg.name
     assert cfg.dataset in ('digits', 'mnist1d', 'cifar10', 'imagenet', 'squad'), cfg.name
 
 
@@ -63,7 +63,7 @@ def test_other_optimizers_run(kind):
 def test_seed_reproduces_and_resume_equals_uninterrupted(tmp_path):
   """A fixed seed reproduces a run; stopping after one epoch and resuming gives the same result."""
   cfg = _tiny('digits_vgg')
-  ds = train.load_data(cfg, 0)
+  ds = data.load(cfg, 0)
   a = train.train(cfg, 'hesso', ds, seed=0, progress=False)
   b = train.train(cfg, 'hesso', ds, seed=0, progress=False)
   chex.assert_trees_all_equal(a.variables, b.variables)
@@ -79,7 +79,7 @@ def test_seed_reproduces_and_resume_equals_uninterrupted(tmp_path):
 
 
 def _digits_partition(seed=0):
-  model = train.MODELS['digits_vgg'](10)
+  model = models.MODELS['digits_vgg'](10)
   x = jnp.zeros((1, 8, 8, 1))
   variables = model.init(jax.random.key(seed), x)
   return oto_jax.zig_partition(model.apply, variables, x), variables
@@ -128,7 +128,7 @@ def test_l1_baseline_holds_pruned_zigs_at_zero_and_resumes_exactly(tmp_path):
   """The L1 run prunes once, fine-tunes with the pruned ZIGs exactly zero, and resuming after the
   pruning epoch ends where an uninterrupted run does."""
   cfg = _tiny('digits_vgg', epochs=3, l1_prune_epoch=1)
-  ds = train.load_data(cfg, 0)
+  ds = data.load(cfg, 0)
   a = train.train(cfg, 'l1', ds, seed=0, progress=False, flops_keep=0.3)
   assert len(a.pruned_ids) > 0
   norms = np.asarray(a.partition.zig_norms(a.variables))
@@ -159,7 +159,7 @@ def test_cifar_configs_run_on_a_fake_dataset(name, tmp_path):
   write_fake_cifar(tmp_path / 'cifar', np.random.default_rng(0), train_per_batch=8)
   cfg = CONFIGS[name].replace(epochs=1, batch_size=8, dense_baseline=False, data_dir=str(tmp_path / 'cifar'))
   if name != 'cifar10_vgg16bn':
-    run = train.train(cfg, cfg.optimizer, train.load_data(cfg, 0), seed=0, progress=False)
+    run = train.train(cfg, cfg.optimizer, data.load(cfg, 0), seed=0, progress=False)
     assert np.isfinite(run.history[0]['loss'])
     return
   r = train.run_experiment(cfg, seed=0, out=str(tmp_path / 'out'), progress=False)
@@ -172,7 +172,7 @@ def test_imagenet_config_trains_on_a_fake_image_folder(tmp_path):
   and trains ResNet-50 for an epoch."""
   write_fake_imagenet(tmp_path / 'imagenet', np.random.default_rng(0), per_class=2)
   cfg = CONFIGS['imagenet_resnet50'].replace(epochs=1, batch_size=2, data_dir=str(tmp_path / 'imagenet'))
-  ds = train.load_data(cfg, 0)
+  ds = data.load(cfg, 0)
   assert ds.x_train.shape[1:] == (256, 256, 3) and ds.x_test.shape[1:] == (224, 224, 3)
   run = train.train(cfg, cfg.optimizer, ds, seed=0, progress=False)
   assert np.isfinite(run.history[0]['loss']) and run.partition.num_zigs > 0
@@ -189,7 +189,7 @@ def test_squad_config_runs_end_to_end_on_a_fake_dataset(tmp_path):
   r = train.run_experiment(cfg.replace(dense_baseline=False), seed=0, out=None, progress=False)
   assert np.isfinite(r['oto_history'][0]['loss'])
   assert r['slim_squad'] == r['oto_squad'] and 0.0 <= r['oto_squad']['f1'] <= 100.0
-  assert 'SQuAD dev EM / F1' in train.markdown(r)
+  assert 'SQuAD dev EM / F1' in reports.markdown(r)
 
 
 _SHARDED_RUN = """
@@ -197,12 +197,12 @@ import json
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from experiments import train
+from experiments import data, train
 from tests.test_train import _tiny
 
 assert len(jax.devices()) == 8, jax.devices()
 cfg = _tiny('digits_vgg', epochs=1)  # HESSO prunes once within the epoch
-ds = train.load_data(cfg, 0)
+ds = data.load(cfg, 0)
 one = train.train(cfg, 'hesso', ds, seed=0, progress=False, mesh=Mesh(np.array(jax.devices()[:1]), ('data',)))
 zero = lambda v: np.asarray(one.partition.zig_norms(v)) == 0
 report = {'pruned': int(zero(one.variables).sum())}
@@ -268,7 +268,7 @@ def test_two_process_cli_run_matches_one_process(tmp_path):
     assert p.returncode == 0, err.decode()[-3000:]
   saved = oto_jax.load_subnet(str(tmp_path / 'out' / 'slim'))
   cfg = train.parse_set(CONFIGS['digits_vgg'], sets)
-  ds = train.load_data(cfg, 0)
+  ds = data.load(cfg, 0)
   one = train.train(cfg, 'hesso', ds, seed=0, progress=False)
   sub = oto_jax.construct_subnet(one.partition, one.variables)
   np.testing.assert_array_equal(saved.removed_zig_ids, sub.removed_zig_ids)
