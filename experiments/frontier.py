@@ -542,6 +542,7 @@ def markdown(result: dict, png: str) -> str:
 
 def plot(result: dict, path: str) -> None:
   import matplotlib
+  import matplotlib.ticker
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -572,12 +573,15 @@ def plot(result: dict, path: str) -> None:
         label=method,
       )
     ax.set_xscale('log')
+    ax.set_xticks([4, 8, 15, 30, 50, 100])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel('FLOPs remaining (%)')
     ax.set_ylabel('test accuracy of the slim model (%)')
     ax.set_title(task)
     ax.grid(alpha=0.3, which='both')
   axes[0][-1].legend(fontsize=8, loc='lower right')
-  fig.suptitle('Accuracy against FLOPs: OTO family (solid) vs prune-then-fine-tune (dotted)')
+  fig.suptitle('OTO family (solid) against prune-then-fine-tune (dotted)', fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
