@@ -445,9 +445,13 @@ def _sd(x: float | None) -> str:
 def winners(summary: list[dict], task: str, budgets_: tuple[float, ...]) -> list[dict]:
   out = []
   for b in budgets_:
-    rows = [r for r in at_budget(summary, task, b) if r['flops'] <= SLACK * 100 * b]
+    every = at_budget(summary, task, b)
+    rows = [r for r in every if r['flops'] <= SLACK * 100 * b]
     rows.sort(key=lambda r: -r['acc'])
     if len(rows) < 2:
+      # Nothing (or one method) gets there: the smallest model a method reached says how far.
+      if every:
+        out.append({'budget': b, 'floor': min(r['flops'] for r in every)})
       continue
     oto = [r for r in rows if r['method'] in OTO_FAMILY]
     base = [r for r in rows if r['method'] in PRUNE_THEN_TUNE]
@@ -528,6 +532,12 @@ def markdown(result: dict, png: str) -> str:
       '|---|---|---|---:|---|---|---:|',
     ]
     for w in winners(summary, task, meta['budgets']):
+      if 'floor' in w:
+        lines.append(
+          f'| {100 * w["budget"]:g}% | fewer than two methods reach it: the smallest slim model keeps '
+          f'{w["floor"]:.1f}% (every node group keeps one ZIG) | | | | | |'
+        )
+        continue
       o, b = w['oto_best'], w['baseline_best']
       lines.append(
         f'| {100 * w["budget"]:g}% | {_label(w["winner"])} {w["winner"]["acc"]:.2f} | '

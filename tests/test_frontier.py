@@ -77,3 +77,8 @@ def test_winners_compare_points_at_the_budget_only():
   assert w['winner']['method'] == 'hesso' and w['runner_up']['lmbda'] == 0.1
   assert w['margin_sd'] == (90.0 - 89.5) / 1.0
   assert w['baseline_best']['method'] == 'l1_uniform' and w['oto_vs_baseline_sd'] == (90.0 - 88.0) / 2.0
+
+
+def test_a_budget_no_method_reaches_reports_the_floor():
+  summary = [_row('hesso', 40.0, 1.0, 18.9, 0.04), _row('random', 42.0, 1.0, 18.9, 0.04)]
+  assert frontier.winners(summary, 't', (0.04,)) == [{'budget': 0.04, 'floor': 18.9}]
