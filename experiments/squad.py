@@ -1,9 +1,9 @@
 """SQuAD v1.1 for BERT: sliding-window features, span decoding, EM and F1.
 
 Tokenisation is BERT's WordPiece from the ``tokenizers`` library (windows by its overflow,
-words by its character offsets). Everything is read from the user's directory (nothing is downloaded): ``train-v1.1.json``,
-``dev-v1.1.json`` and the WordPiece vocabulary of the BERT checkpoint to fine-tune
-(``vocab.txt``, e.g. from ``bert-base-uncased``). The features follow BERT's original
+words by its character offsets). Everything is read from the user's directory (nothing is
+downloaded): ``train-v1.1.json``, ``dev-v1.1.json`` and the WordPiece vocabulary of the BERT
+checkpoint to fine-tune (``vocab.txt``, e.g. from ``bert-base-uncased``). The features follow BERT's original
 ``run_squad.py`` recipe: ``[CLS] question [SEP] context window [SEP]`` with the question cut
 to 64 tokens, windows of at most 384 tokens every 128 context tokens, and the answer's first
 and last context tokens as labels (``[CLS]``, position 0, when the window misses the answer).

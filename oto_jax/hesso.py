@@ -102,10 +102,6 @@ def hesso(
   weight_decay: Any = 0.0,
   importance_weights: Mapping[str, float] | None = None,
   group_divisible: Any = 1,
-  cric_cycles: int = 0,
-  cric_subsets: int = 4,
-  cric_oversample: float = 2.0,
-  cric_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """HESSO: prunes exactly the ZIGs a target asks for, by a linear decay to zero.
 
@@ -150,15 +146,10 @@ def hesso(
     group_divisible: round every node group's kept width to a multiple of this (to the
       nearest multiple, at least one multiple); the number of pruned ZIGs then follows the
       rounding rather than the exact target.
-    cric_cycles: corrective cycles at the start of every period (0: plain HESSO); see
-      :func:`hesso_cric`, which sets them. ``update`` then needs ``value_fn``.
-    cric_subsets: trial subsets per cycle.
-    cric_oversample: candidates per ZIG the period removes.
-    cric_seed: seed of the trial subsets.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`HESSOState`;
-    ``update`` needs ``params`` (and ``value_fn`` with corrective cycles).
+    ``update`` needs ``params``.
 
   Raises:
     ValueError: a target outside [0, 1), both or neither of ``target_group_sparsity`` and
@@ -174,6 +165,38 @@ def hesso(
     Chen et al., *HESSO: Towards Automatic Efficient and User Friendly Any Neural Network
     Training and Pruning*, arXiv 2409.09085.
   """
+  return _hesso(Corrective(0), **locals())
+
+
+class Corrective(NamedTuple):
+  """HESSO-CRIC's settings (:func:`hesso_cric`); ``cycles=0`` is plain HESSO."""
+
+  cycles: int
+  subsets: int = 4
+  oversample: float = 2.0
+  seed: int = 0
+
+
+def _hesso(
+  cric: Corrective,
+  partition,
+  learning_rate,
+  target_group_sparsity,
+  target,
+  start_pruning_step,
+  pruning_steps,
+  pruning_periods,
+  variant,
+  momentum,
+  nesterov,
+  b1,
+  b2,
+  eps,
+  weight_decay,
+  importance_weights,
+  group_divisible,
+) -> optax.GradientTransformationExtraArgs:
+  cric_cycles, cric_subsets, cric_oversample, cric_seed = cric
   checks.hyperparameters(
     learning_rate=learning_rate,
     start_pruning_step=start_pruning_step,
@@ -191,11 +214,7 @@ def hesso(
   if concrete and int(np.asarray(pruning_steps)) < int(np.asarray(pruning_periods)) * (cric_cycles + 1):
     raise ValueError(
       f'pruning_steps ({pruning_steps}) must be at least pruning_periods ({pruning_periods})'
-      + (
-        f' × (cric_cycles + 1) = {int(np.asarray(pruning_periods)) * (cric_cycles + 1)}'
-        if cric_cycles
-        else ''
-      )
+      + (f' × (cycles + 1) = {int(np.asarray(pruning_periods)) * (cric_cycles + 1)}' if cric_cycles else '')
       + ': every period needs one step or more'
       + (' after its corrective cycles.' if cric_cycles else '.')
     )
@@ -351,7 +370,20 @@ def hesso_cric(
   subsets: int = 4,
   oversample: float = 2.0,
   seed: int = 0,
-  **kwargs: Any,
+  target_group_sparsity: Any = None,
+  target: budgets.Budget | None = None,
+  start_pruning_step: Any = 0,
+  pruning_steps: Any,
+  pruning_periods: Any = 1,
+  variant: str | optax.GradientTransformation = 'sgd',
+  momentum: Any = None,
+  nesterov: bool = False,
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-8,
+  weight_decay: Any = 0.0,
+  importance_weights: Mapping[str, float] | None = None,
+  group_divisible: Any = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """HESSO with corrective redundant identification cycles (HESSO-CRIC).
 
@@ -383,7 +415,9 @@ def hesso_cric(
     subsets: trial subsets per cycle (``subsets + 1`` loss evaluations per probing step).
     oversample: candidates per ZIG the period removes (≥ 1).
     seed: seed of the random split into subsets.
-    **kwargs: every other argument of :func:`hesso` (the target, the window, the variant…).
+    target_group_sparsity, target, start_pruning_step, pruning_steps, pruning_periods, variant,
+      momentum, nesterov, b1, b2, eps, weight_decay, importance_weights, group_divisible: as
+      for :func:`hesso` (listed, not ``**kwargs``, so that ``optax.inject_hyperparams`` sees them).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`HESSOState`.
@@ -397,15 +431,16 @@ def hesso_cric(
     Chen et al., *HESSO: Towards Automatic Efficient and User Friendly Any Neural Network
     Training and Pruning*, arXiv 2409.09085 (the corrective redundant identification cycle).
   """
-  return hesso(
-    partition,
-    learning_rate,
-    cric_cycles=cycles,
-    cric_subsets=subsets,
-    cric_oversample=oversample,
-    cric_seed=seed,
-    **kwargs,
-  )
+  hesso_args = {k: v for k, v in locals().items() if k not in ('cycles', 'subsets', 'oversample', 'seed')}
+  settings = []
+  for name, v in (('cycles', cycles), ('subsets', subsets), ('oversample', oversample), ('seed', seed)):
+    if isinstance(v, jax.core.Tracer):
+      raise ValueError(
+        f'hesso_cric: {name} shapes the state, so it cannot be traced; with optax.inject_hyperparams '
+        "pass static_args=('cycles', 'subsets', 'oversample', 'seed')."
+      )
+    settings.append(float(np.asarray(v)) if name == 'oversample' else np.asarray(v).item())
+  return _hesso(Corrective(*settings), **hesso_args)
 
 
 def _check_room(partition: ZIGPartition, budget: budgets.Budget, group_divisible: Any) -> None:

@@ -947,9 +947,14 @@ def test_hesso_rejects_bad_arguments():
     oto_jax.hesso(part, 0.1, target=0.5, pruning_steps=10, momentum=0.9)
   cric = lambda **over: lambda: oto_jax.hesso_cric(part, 0.1, **{**kw, **over})
   _bad(cric(cycles=4, pruning_steps=8, pruning_periods=2), r'pruning_steps \(8\) must be at least .* = 10')
-  _bad(cric(subsets=0), 'cric_subsets must be a whole number >= 1, got 0')
-  _bad(cric(oversample=0.5), 'cric_oversample must be >= 1')
-  _bad(make(cric_cycles=-1), 'cric_cycles must be a whole number >= 0, got -1')
+  _bad(cric(subsets=0), 'subsets must be a whole number >= 1, got 0')
+  _bad(cric(oversample=0.5), 'oversample must be >= 1')
+  _bad(cric(cycles=-1), 'cycles must be a whole number >= 0, got -1')
+  # Structural, so static under inject_hyperparams; the other hyperparameters are injected.
+  tx = optax.inject_hyperparams(oto_jax.hesso_cric, static_args=('cycles', 'subsets', 'oversample', 'seed'))(
+    part, 0.1, cycles=1, target_group_sparsity=0.5, pruning_steps=10, momentum=0.9
+  )
+  assert tx.init({'w': jnp.zeros((D_IN, COLS))}).hyperparams['learning_rate'] == 0.1
 
 
 def test_zoo_target_that_empties_a_node_group_is_rejected():
