@@ -35,6 +35,7 @@ from oto_jax.transforms import (
   group_lasso_prox,
   half_space_projection,
 )
+from oto_jax.tuning import ConvTiming, Tuning
 
 __version__ = '0.2.0'
 
@@ -42,6 +43,7 @@ __all__ = [
   'AnalysisError',
   'Budget',
   'CostModel',
+  'ConvTiming',
   'CostTerm',
   'DHSPGState',
   'ExportedSubnet',
@@ -61,6 +63,7 @@ __all__ = [
   'SubnetPlan',
   'SubnetReport',
   'SurgeryError',
+  'Tuning',
   'ZIGPartition',
   'ZIGSegments',
   'Zero',

@@ -11,6 +11,9 @@ subnet is saved, exported and sliced like any other):
   kernel, never more work than ``1 / (2 · output pixels · batch)`` of the contraction).
 * :func:`without_dead_code` removes the equations whose results nothing reads (side effects
   stay).
+
+:func:`deploy_subnet` applies both, and with ``tune_inputs`` measures the lowering
+(:mod:`oto_jax.tuning`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ import functools
 from collections import Counter
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from oto_jax import tuning as tuning_
 from oto_jax.ir import Call, Cond, Eqn, Literal, Loop, Program
 from oto_jax.surgery import Subnet, subnet_of
 
@@ -31,8 +37,16 @@ _AFFINE = frozenset({'mul', 'div', 'add', 'sub', 'neg'})
 _SCALES = frozenset({'mul', 'div', 'neg', 'rsub'})
 
 
-def deploy_subnet(subnet: Subnet, *, fold_batchnorm: bool = True, drop_dead_code: bool = True) -> Subnet:
-  """The slim model readied for inference: BatchNorm folded, dead code dropped.
+def deploy_subnet(
+  subnet: Subnet,
+  *,
+  fold_batchnorm: bool = True,
+  drop_dead_code: bool = True,
+  tune_inputs: tuple | None = None,
+  tune_repeats: int = 3,
+  progress: bool = True,
+) -> Subnet:
+  """The slim model readied for inference: BatchNorm folded, dead code dropped, lowering tuned.
 
   .. math::
     \\mathrm{BN}(x \\ast W) = (x \\ast W - \\mu)\\,\\frac{\\gamma}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
@@ -46,10 +60,23 @@ def deploy_subnet(subnet: Subnet, *, fold_batchnorm: bool = True, drop_dead_code
   for them but one bias add, and has no equation whose result nothing reads. Train-mode
   BatchNorm (batch statistics) is left alone: its statistics come from the inputs.
 
+  With ``tune_inputs``, the lowering is measured on the default device at those inputs'
+  shapes (:mod:`oto_jax.tuning`): each convolution as the primitive or as one dot over its
+  patches, and the whole program under each XLA option set of
+  :func:`oto_jax.tuning.option_sets`; the fastest is kept and reported in
+  :attr:`Subnet.tuning`. :meth:`Subnet.apply` compiles with the chosen options
+  (:attr:`Subnet.compiler_options`; pass them to your own ``jax.jit``). Without it, small-output
+  and 1×1 convolutions run as one dot (a rule measured on a 2-core CPU), and a tuned subnet
+  keeps its tuning.
+
   Args:
     subnet: a slim model (:func:`oto_jax.construct_subnet`).
     fold_batchnorm: fold per-channel affine maps into the contraction before them.
     drop_dead_code: drop the equations whose results nothing reads.
+    tune_inputs: example positional inputs of ``apply`` (a tuple) to tune the lowering at;
+      None: no measurement.
+    tune_repeats: timed calls per candidate (the median counts).
+    progress: show a progress bar while tuning.
 
   Returns:
     A new :class:`~oto_jax.Subnet` with the same partition, keep mask and variables; nothing
@@ -65,12 +92,50 @@ def deploy_subnet(subnet: Subnet, *, fold_batchnorm: bool = True, drop_dead_code
     Integer-Arithmetic-Only Inference*, CVPR 2018 (arXiv 1712.05877), section 3.2 (folding
     batch normalisation into the preceding layer).
   """
-  program = subnet.program
-  if fold_batchnorm:
-    program = fold_affine(program)
-  if drop_dead_code:
-    program = without_dead_code(program)
-  return subnet_of(subnet.partition, subnet.keep, subnet.variables, program, subnet._cut)
+
+  def finish(program: Program) -> Program:
+    if fold_batchnorm:
+      program = fold_affine(program)
+    if drop_dead_code:
+      program = without_dead_code(program)
+    return program
+
+  def build(program: Program, tuning: tuning_.Tuning | None) -> Subnet:
+    return subnet_of(subnet.partition, subnet.keep, subnet.variables, program, subnet._cut, tuning)
+
+  if tune_inputs is None:
+    return build(finish(subnet.program), subnet.tuning)
+  if not isinstance(tune_inputs, tuple):
+    raise TypeError(
+      f"tune_inputs takes a tuple of apply's positional inputs, e.g. (x,); got {type(tune_inputs).__name__}."
+    )
+  leaves = subnet._variable_leaves(subnet.variables)
+  arrays = subnet._input_arrays(tune_inputs, {})
+  operands = tuning_.conv_operands(subnet.program, leaves, arrays)
+  sets = tuning_.option_sets(jax.default_backend())
+  program_ms: dict[str, float | None] = {}
+  best = None
+  total = len(sets) * (len(operands) + 1)
+  with tqdm(total=total, desc='tuning the lowering', disable=not progress, leave=False) as bar:
+    for label, options in sets:
+      try:
+        program, convs = tuning_.lower_convs(subnet.program, operands, options, tune_repeats, bar.update)
+      except jax.errors.JaxRuntimeError:  # an XLA that does not know these options
+        program_ms[label] = None
+        continue
+      shapes = tuple(tuple(np.shape(a)) for a in arrays)
+      candidate = build(finish(program), tuning_.Tuning(options, label, {}, convs, shapes))
+      program_ms[label] = ms = tuning_.median_ms(candidate._call, (leaves, arrays), tune_repeats)
+      bar.update()
+      if best is None or ms < best[0]:
+        best = (ms, candidate)
+  if best is None:
+    raise RuntimeError(
+      f'XLA refused every option set tried ({", ".join(program_ms)}); deploy without tune_inputs.'
+    )
+  chosen = best[1]
+  # The record holds every set's time, known only now.
+  return dataclasses.replace(chosen, tuning=dataclasses.replace(chosen.tuning, program_ms=program_ms))
 
 
 # ---------------------------------------------------------------------------------------------

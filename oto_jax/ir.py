@@ -264,6 +264,30 @@ def iter_eqns(steps: tuple) -> Iterator[Eqn]:
         yield from iter_eqns(b.steps)
 
 
+def map_eqns(steps: tuple, fn: Callable[[Eqn], Eqn]) -> tuple:
+  """``steps`` with every equation ``e`` under them replaced by ``fn(e)`` (through calls, loops
+  and branches); the other steps are copied, never modified."""
+
+  def walk(steps):
+    out = []
+    for s in steps:
+      if isinstance(s, Eqn):
+        out.append(fn(s))
+      elif isinstance(s, Call):
+        out.append(dataclasses.replace(s, body=walk(s.body)))
+      elif isinstance(s, Loop):
+        out.append(dataclasses.replace(s, cond=walk(s.cond), body=walk(s.body)))
+      else:
+        out.append(
+          dataclasses.replace(
+            s, branches=tuple(dataclasses.replace(b, steps=walk(b.steps)) for b in s.branches)
+          )
+        )
+    return tuple(out)
+
+  return walk(steps)
+
+
 # ---------------------------------------------------------------------------------------------
 # The program.
 

@@ -3,7 +3,7 @@
 A saved subnet is a directory with
 
 * ``variables/``: the slim variables, an Orbax checkpoint of their leaves;
-* ``subnet.json``: the removed ZIG ids and the shapes it was exported at;
+* ``subnet.json``: the removed ZIG ids, the leaf count and the XLA options of a tuned subnet;
 * ``apply.stablehlo``: ``Subnet.apply`` serialized with ``jax.export``, with a symbolic batch
   dimension (see :func:`export_subnet`).
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -105,11 +106,20 @@ class ExportedSubnet:
       itself, a linen dict or an NNX State, needs the model's code to rebuild).
     exported: the ``jax.export.Exported`` of ``Subnet.apply`` (see :func:`export_subnet`).
     removed_zig_ids: the ZIGs removed from the full model.
+    compiler_options: the XLA options :meth:`apply` compiles with: those the saved subnet was
+      tuned with (:attr:`Subnet.compiler_options`), ``{}`` for XLA's defaults.
   """
 
   variables: Any
   exported: jax.export.Exported
   removed_zig_ids: np.ndarray
+  compiler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  _call: Any = dataclasses.field(init=False, repr=False)
+
+  def __post_init__(self):
+    # One compiled function per restored subnet, with the saved options.
+    call = jax.jit(self.exported.call, compiler_options=dict(self.compiler_options) or None)
+    object.__setattr__(self, '_call', call)
 
   def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
     """Runs the exported function on the leaves (or any tree with those leaves) and inputs.
@@ -122,7 +132,7 @@ class ExportedSubnet:
     """
     leaves = jax.tree_util.tree_leaves(variables)
     _check_exported_call(self.exported, leaves, args, kwargs)
-    return self.exported.call(leaves, args, kwargs)
+    return self._call(leaves, args, kwargs)
 
 
 def _check_exported_call(exported: jax.export.Exported, leaves: list, args: tuple, kwargs: dict) -> None:
@@ -187,6 +197,7 @@ def save_subnet(directory: str, subnet: Subnet, *args: Any, **kwargs: Any) -> No
       'num_zigs': int(subnet.keep.shape[0]),
       'removed_zig_ids': [int(i) for i in subnet.removed_zig_ids],
       'num_leaves': len(leaves),
+      'compiler_options': subnet.compiler_options,
     }
     with open(os.path.join(directory, 'subnet.json'), 'w') as f:
       json.dump(meta, f, indent=1)
@@ -212,7 +223,10 @@ def load_subnet(
       shards it holds. Default: the default device.
 
   Returns:
-    A :class:`~oto_jax.Subnet` or an :class:`ExportedSubnet`.
+    A :class:`~oto_jax.Subnet` or an :class:`ExportedSubnet`. The :class:`ExportedSubnet` runs
+    the saved program as saved (deployed and tuned, with the saved XLA options); the
+    :class:`~oto_jax.Subnet` is rebuilt from the partition, as :func:`~oto_jax.construct_subnet`
+    gives it: deploy it again (``deploy_subnet``, ``tune_inputs``) to fold and tune it.
 
   Raises:
     FileNotFoundError: the directory holds no saved subnet.
@@ -246,7 +260,7 @@ def load_subnet(
   leaves = [raw[_key(i)] for i in range(meta['num_leaves'])]
   removed = np.asarray(meta['removed_zig_ids'], np.int64)
   if partition is None:
-    return ExportedSubnet(leaves, exported, removed)
+    return ExportedSubnet(leaves, exported, removed, meta.get('compiler_options', {}))
   if partition.num_zigs != meta['num_zigs']:
     raise ValueError(
       f'The partition has {partition.num_zigs} ZIGs but the saved subnet was built from a partition '

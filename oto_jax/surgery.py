@@ -25,6 +25,7 @@ from oto_jax.errors import ShapeSpecificError, SurgeryError
 from oto_jax.ir import Program
 from oto_jax.partition import ZIGPartition
 from oto_jax.paths import Path, input_name, path_of, path_str
+from oto_jax.tuning import Tuning
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -80,6 +81,7 @@ class Subnet:
     variables: the slim variables (every collection sliced).
     program: the slim :class:`~oto_jax.ir.Program` that :meth:`apply` runs.
     jaxpr: the slim program as a closed jaxpr, at the program's (symbolic) input shapes.
+    tuning: what :func:`oto_jax.deploy_subnet` measured and chose (``tune_inputs``), or None.
   """
 
   partition: ZIGPartition
@@ -89,6 +91,14 @@ class Subnet:
   jaxpr: Any = dataclasses.field(repr=False)
   _cut: slim.SlimContext = dataclasses.field(repr=False)
   _call: Callable = dataclasses.field(repr=False)
+  tuning: Tuning | None = dataclasses.field(default=None, repr=False)
+
+  @property
+  def compiler_options(self) -> dict[str, Any]:
+    """The XLA options :meth:`apply` compiles with (``{}``: XLA's defaults): chosen by
+    :func:`oto_jax.deploy_subnet` with ``tune_inputs``. Under your own ``jax.jit``, pass them:
+    ``jax.jit(subnet.apply, compiler_options=subnet.compiler_options)``."""
+    return dict(self.tuning.compiler_options) if self.tuning is not None else {}
 
   @property
   def removed_zig_ids(self) -> np.ndarray:
@@ -97,8 +107,9 @@ class Subnet:
   def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
     """Runs the slim model: ``apply_fn(zeroed_full_variables, *args, **kwargs)``, only smaller.
 
-    Pure, jit-able and differentiable, and compiled (``jax.jit``) even when called eagerly.
-    Any batch size runs the same slim program, without analysing the model again.
+    Pure, jit-able and differentiable, and compiled (``jax.jit``) even when called eagerly, then
+    with :attr:`compiler_options`. Any batch size runs the same slim program, without
+    analysing the model again.
 
     Args:
       variables: slim variables shaped like :attr:`variables`.
@@ -411,9 +422,15 @@ def _make(partition: ZIGPartition, keep: np.ndarray, leaves: list, *, sliced: bo
 
 
 def subnet_of(
-  partition: ZIGPartition, keep: np.ndarray, variables: Any, program: Program, cut: slim.SlimContext
+  partition: ZIGPartition,
+  keep: np.ndarray,
+  variables: Any,
+  program: Program,
+  cut: slim.SlimContext,
+  tuning: Tuning | None = None,
 ) -> Subnet:
-  """The :class:`Subnet` that runs ``program`` (a slim program, or one transformed from it)."""
+  """The :class:`Subnet` that runs ``program`` (a slim program, or one transformed from it),
+  compiled with ``tuning``'s XLA options when given."""
   sig = program.signature
 
   def run(leaves: list, arrays: list) -> list:
@@ -425,7 +442,17 @@ def subnet_of(
   var_specs = [jax.ShapeDtypeStruct(values.shapes[v], values.dtypes[v]) for v in program.variables]
   in_specs = [jax.ShapeDtypeStruct(x.sym, x.dtype) for x in sig.arrays]
   jaxpr = jax.make_jaxpr(lambda v, a: slim.evaluate(program, v, a, None, check=True))(var_specs, in_specs)
-  return Subnet(partition, keep, variables, program, jaxpr, cut, jax.jit(run))
+  call = plain = jax.jit(run)
+  if tuning is not None and tuning.compiler_options:
+    tuned = jax.jit(run, compiler_options=dict(tuning.compiler_options))
+
+    def call(leaves: list, arrays: list) -> list:
+      # XLA options apply to a top-level jit only: inside the caller's jit (or vmap, grad) the
+      # program is traced into theirs, whose options govern.
+      traced = any(isinstance(x, jax.core.Tracer) for x in (*leaves, *arrays))
+      return (plain if traced else tuned)(leaves, arrays)
+
+  return Subnet(partition, keep, variables, program, jaxpr, cut, call, tuning)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -7,6 +7,7 @@ Every deployed or rounded slim model is checked against the slim model it came f
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 
 import chex
@@ -20,6 +21,8 @@ import oto_jax
 from experiments import models
 from experiments.bench_subnet import trained_stats
 from oto_jax import ir
+from oto_jax.primitives.contractions import bind_conv
+from oto_jax.surgery import subnet_of
 from tests import arch
 
 RTOL = 1e-5
@@ -235,6 +238,111 @@ def test_export_folds_by_default():
   assert activation_subtracts(folded) == 0 and activation_subtracts(plain) == 4
   for exported in (folded, plain):
     _close(want, exported.call(leaves, (x,), {}), 'exported')
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured lowering (tune_inputs).
+
+
+def convs(L, x):
+  """A 3×3 conv + BN, a grouped conv (no dot lowering), a 1×1 conv, a strided conv to 2×2."""
+  x = jax.nn.relu(L.batch_norm(L.conv(x, 12, 3, use_bias=False)))
+  x = jax.nn.relu(L.conv(x, 12, 3, groups=4))
+  x = jax.nn.relu(L.conv(x, 16, 1))
+  x = jax.nn.relu(L.conv(x, 16, 3, strides=4))
+  return L.dense(x.reshape(x.shape[0], -1), 10)
+
+
+@pytest.fixture(scope='module')
+def tuned():
+  x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
+  built, part, _, zeroed, sub = _cut(convs, x)
+  return x, built, zeroed, sub, oto_jax.deploy_subnet(sub, tune_inputs=(x,), tune_repeats=1, progress=False)
+
+
+def test_tuning_keeps_outputs_at_every_batch(tuned):
+  """The tuned subnet computes the cut one at the tuning batch and at others, eagerly and
+  under a jit with its options; the full model agrees."""
+  x, built, zeroed, sub, dep = tuned
+  for n in (2, 6):
+    want = sub.apply(sub.variables, x[:n])
+    _close(want, dep.apply(dep.variables, x[:n]), f'tuned vs cut, batch {n}')
+    jitted = jax.jit(dep.apply, compiler_options=dep.compiler_options or None)
+    _close(want, jitted(dep.variables, x[:n]), f'tuned under jit, batch {n}')
+    _close(built.apply_fn(zeroed, x[:n]), dep.apply(dep.variables, x[:n]), f'tuned vs full, batch {n}')
+
+
+def test_tuning_records_and_applies_its_choices(tuned):
+  """Every convolution is timed as each lowering that applies (the grouped one has no dot),
+  the faster is chosen and is what the program runs; every option set of this backend was
+  timed and the fastest's options are the subnet's."""
+  x, *_, sub, dep = tuned
+  t = dep.tuning
+  assert t.shapes == (x.shape,)
+  assert len(t.convs) == 4
+  assert [set(c.ms) for c in t.convs] == [{'conv', 'dot'}, {'conv'}, {'conv', 'dot'}, {'conv', 'dot'}]
+  for c in t.convs:
+    assert c.chosen == min(c.ms, key=c.ms.get)
+  labels = [label for label, _ in oto_jax.tuning.option_sets(jax.default_backend())]
+  assert list(t.program_ms) == labels
+  assert t.program_ms[t.label] == min(ms for ms in t.program_ms.values() if ms is not None)
+  assert dep.compiler_options == dict(oto_jax.tuning.option_sets(jax.default_backend()))[t.label]
+  # The program binds a convolution exactly where 'conv' was chosen.
+  kept = sum(c.chosen == 'conv' for c in t.convs)
+  assert sum(e.primitive.name == 'conv_general_dilated' for e in dep.jaxpr.jaxpr.eqns) == kept
+  assert 'conv ms' in t.markdown() and t.label in str(t)
+  # Deploying a tuned subnet again keeps its tuning; the untuned subnet has none.
+  assert oto_jax.deploy_subnet(dep).tuning is t and sub.tuning is None and sub.compiler_options == {}
+
+
+def test_forced_lowerings_compute_the_same(tuned):
+  """Every convolution forced to each lowering gives the cut subnet's outputs; the grouped one
+  stays a convolution (its patches would mix the groups)."""
+  x, *_, sub, _ = tuned
+  operands = oto_jax.tuning.conv_operands(sub.program, sub._variable_leaves(sub.variables), [x])
+  # At the tuning batch, with the slim kernels.
+  kernels = sorted(k.shape for k in jax.tree_util.tree_leaves(sub.variables) if k.ndim == 4)
+  assert [specs[0].shape[0] for specs, _ in operands.values()] == [6] * 4
+  assert sorted(specs[1].shape for specs, _ in operands.values()) == kernels
+  want = sub.apply(sub.variables, x)
+  for how, convs_left in (('conv', 4), ('dot', 1)):
+
+    def force(e, how=how):
+      if e.name != 'conv_general_dilated':
+        return e
+      return dataclasses.replace(e, entry=e.entry.replace(bind=functools.partial(bind_conv, how)))
+
+    program = dataclasses.replace(sub.program, steps=ir.map_eqns(sub.program.steps, force))
+    got = subnet_of(sub.partition, sub.keep, sub.variables, program, sub._cut)
+    assert sum(e.primitive.name == 'conv_general_dilated' for e in got.jaxpr.jaxpr.eqns) == convs_left
+    _close(want, got.apply(sub.variables, x), f'every convolution as {how}')
+
+
+def test_saved_tuned_subnet_keeps_its_options(tuned, tmp_path):
+  """save_subnet writes the chosen XLA options; the exported subnet compiles with them."""
+  x, *_, dep = tuned
+  oto_jax.save_subnet(str(tmp_path / 's'), dep)
+  loaded = oto_jax.load_subnet(str(tmp_path / 's'))
+  assert dict(loaded.compiler_options) == dep.compiler_options
+  _close(dep.apply(dep.variables, x), loaded.apply(loaded.variables, x), 'saved and restored')
+
+
+def test_option_sets_xla_refuses_are_skipped(tuned, monkeypatch):
+  """An XLA that does not know an option (another jax version) refuses it: the set is recorded
+  as refused and the others still compete."""
+  x, *_, sub, _ = tuned
+  sets = (('XLA defaults', {}), ('unknown', {'xla_cpu_no_such_option': True}))
+  monkeypatch.setattr(oto_jax.tuning, 'option_sets', lambda backend: sets)
+  dep = oto_jax.deploy_subnet(sub, tune_inputs=(x,), tune_repeats=1, progress=False)
+  assert dep.tuning.program_ms['unknown'] is None and dep.tuning.label == 'XLA defaults'
+  assert dep.compiler_options == {}
+  _close(sub.apply(sub.variables, x), dep.apply(dep.variables, x), 'tuned with a refused set')
+
+
+def test_tune_inputs_must_be_a_tuple(tuned):
+  x, *_, sub, _ = tuned
+  with pytest.raises(TypeError, match=r'tuple of apply'):
+    oto_jax.deploy_subnet(sub, tune_inputs=x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -107,7 +108,8 @@ def _conv_rewrite(ctx, eqn):
 # product at any size, and the dot was faster at every width tried (64×32×32 inputs:
 # 256→128 124 against 37 ms, 129→66 45 against 10 ms, 34→129 40 against 20 ms); 3×3 kernels
 # at 32×32 were not (83 against 168 ms). Measured on this project's 2-core CPU, batch 64
-# (experiments/bench_subnet.py prints the per-layer figures).
+# (experiments/bench_subnet.py prints the per-layer figures). This is the rule without measurement;
+# deploy_subnet(tune_inputs=...) times both lowerings of every convolution instead.
 SMALL_CONV_OUTPUT = 4
 
 
@@ -148,17 +150,32 @@ def conv_as_dot(lhs, rhs, params):
   return jnp.transpose(y, [where[a] for a in range(nsp + 2)])
 
 
-def _conv_bind(ctx, eqn, ins, params):
-  # The slim program computes small-output convolutions (SMALL_CONV_OUTPUT) and 1×1 kernels as
-  # one dot; others bind as traced.
-  lhs_dilation = params.get('lhs_dilation') or ()
+CONV_LOWERINGS = ('conv', 'dot')
+
+
+def conv_as_dot_applies(params: dict) -> bool:
+  """Whether :func:`conv_as_dot` computes this convolution: no groups, no input dilation."""
+  plain = params['feature_group_count'] == 1 and params['batch_group_count'] == 1
+  return plain and all(d == 1 for d in params.get('lhs_dilation') or ())
+
+
+def conv_lowering_rule(out_shape: tuple, rhs_shape: tuple, params: dict) -> str:
+  """The lowering the slim program uses unless a measured one was chosen
+  (:func:`oto_jax.deploy_subnet` with ``tune_inputs``): ``'dot'`` for a small output
+  (``SMALL_CONV_OUTPUT`` pixels) or a 1×1 kernel, ``'conv'`` otherwise."""
   dn = params['dimension_numbers']
-  out_shape = ctx.values.shapes[eqn.outs[0]]
-  rhs_shape = ctx.values.shapes[eqn.ins[1]]
   small = math.prod(out_shape[a] for a in dn.out_spec[2:]) <= SMALL_CONV_OUTPUT
   small = small or math.prod(rhs_shape[a] for a in dn.rhs_spec[2:]) == 1
-  plain = params['feature_group_count'] == 1 and params['batch_group_count'] == 1
-  if small and plain and all(d == 1 for d in lhs_dilation):
+  return 'dot' if small and conv_as_dot_applies(params) else 'conv'
+
+
+def bind_conv(lowering: str | None, ctx, eqn, ins, params) -> list:
+  """A convolution bound as ``lowering`` (``'conv'``: the primitive; ``'dot'``:
+  :func:`conv_as_dot`; None: :func:`conv_lowering_rule`'s choice)."""
+  if lowering is None:
+    shapes = ctx.values.shapes
+    lowering = conv_lowering_rule(shapes[eqn.outs[0]], shapes[eqn.ins[1]], params)
+  if lowering == 'dot' and conv_as_dot_applies(params):
     return [conv_as_dot(*ins, params)]
   return [eqn.primitive.bind(*ins, **params)]
 
@@ -203,6 +220,10 @@ ENTRIES: dict[str, PrimitiveEntry] = {
   'dot_general': PrimitiveEntry(_dot_structure, _dot_zero, cost=_dot_cost),
   'ragged_dot_general': PrimitiveEntry(_ragged_structure, _ragged_zero, cost=_dot_cost),
   'conv_general_dilated': PrimitiveEntry(
-    _conv_structure, _conv_zero, cost=_conv_cost, rewrite=_conv_rewrite, bind=_conv_bind
+    _conv_structure,
+    _conv_zero,
+    cost=_conv_cost,
+    rewrite=_conv_rewrite,
+    bind=functools.partial(bind_conv, None),
   ),
 }

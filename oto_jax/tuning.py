@@ -1,0 +1,195 @@
+"""Measured lowering choices for a deployed program.
+
+XLA compiles the same convolution very differently from one shape to the next, and the fastest
+way to run one depends on the backend, its libraries and the shape; no fixed rule is right on
+every machine. :func:`oto_jax.deploy_subnet` with ``tune_inputs`` therefore measures, on the
+default device and at the shapes of the given inputs:
+
+* each convolution alone, bound as the primitive and as one ``dot_general`` over its patches
+  (:func:`~oto_jax.primitives.contractions.conv_as_dot`), keeping the faster;
+* the whole program under each of a few XLA option sets (:func:`option_sets`; on CPU, with and
+  without the YNNPACK library for convolutions), keeping the fastest.
+
+Every candidate computes the same products; only the rounding order differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oto_jax import ir, slim
+from oto_jax.ir import Eqn, Program
+from oto_jax.primitives.contractions import CONV_LOWERINGS, bind_conv, conv_as_dot_applies, conv_lowering_rule
+
+_YNN = 'xla_cpu_experimental_ynn_fusion_type'
+_XNN = 'xla_cpu_experimental_xnn_fusion_type'
+
+
+def option_sets(backend: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+  """The XLA option sets the tuner tries on ``backend``: ``(label, compiler_options)``.
+
+  On CPU: XLA's defaults; convolutions compiled by XLA's own emitter instead of YNNPACK (only
+  dots go to YNNPACK); and the same with XNNPACK's dot fusions. Measured on a 2-core AMD EPYC
+  with jax 0.10: a 3×3, 64→64 convolution at 64×32×32 took 52 ms through YNNPACK and 29 ms
+  without; ResNet-50's ``model.apply`` 1.75 s and 1.11 s; a slim ResNet-50 373 ms and, with
+  XNNPACK's dot fusions, 350 ms. An XLA that does not know an option refuses it, and the tuner
+  skips that set. Elsewhere: the defaults only.
+  """
+  sets = [('XLA defaults', {})]
+  if backend == 'cpu':
+    own = {_YNN: 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+    sets.append(('convolutions without YNNPACK', own))
+    sets.append(
+      ('convolutions without YNNPACK, XNNPACK dot fusions', {**own, _XNN: 'LIBRARY_FUSION_TYPE_DOT'})
+    )
+  return tuple(sets)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvTiming:
+  """One convolution's measured lowerings.
+
+  Attributes:
+    where: the convolution's source location in the model.
+    shapes: its operands' shapes at the tuning inputs (input, kernel).
+    ms: median milliseconds of each lowering that applies (``'conv'``, ``'dot'``).
+    chosen: the lowering kept.
+  """
+
+  where: str
+  shapes: tuple[tuple[int, ...], ...]
+  ms: Mapping[str, float]
+  chosen: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """What :func:`oto_jax.deploy_subnet` measured and chose at ``tune_inputs``.
+
+  Attributes:
+    compiler_options: the XLA options the deployed subnet compiles with (``{}``: XLA's
+      defaults); pass them to your own ``jax.jit(..., compiler_options=...)``.
+    label: the chosen option set's name.
+    program_ms: median milliseconds of the whole deployed program under each option set tried
+      (each with its own convolution choices); None where XLA refused the options.
+    convs: every convolution's timings under the chosen option set.
+    shapes: the tuning inputs' shapes.
+  """
+
+  compiler_options: Mapping[str, Any]
+  label: str
+  program_ms: Mapping[str, float | None]
+  convs: tuple[ConvTiming, ...]
+  shapes: tuple[tuple[int, ...], ...]
+
+  def markdown(self) -> str:
+    lines = [
+      f'Tuned at input shapes {", ".join(map(str, self.shapes))} on {jax.devices()[0].device_kind}.',
+      '',
+      '| XLA options | program ms |',
+      '|---|---|',
+    ]
+    for label, ms in self.program_ms.items():
+      mark = ' (chosen)' if label == self.label else ''
+      lines.append(f'| {label}{mark} | {"refused" if ms is None else f"{ms:.2f}"} |')
+    lines += ['', '| convolution | input, kernel | conv ms | dot ms | chosen |', '|---|---|---|---|---|']
+    for c in self.convs:
+      cells = [f'{c.ms[k]:.2f}' if k in c.ms else '' for k in CONV_LOWERINGS]
+      lines.append(f'| {c.where} | {c.shapes[0]}, {c.shapes[1]} | {" | ".join(cells)} | {c.chosen} |')
+    return '\n'.join(lines)
+
+  def __str__(self) -> str:
+    return self.markdown()
+
+
+def median_ms(fn: Callable, args: Sequence, repeats: int, give_up_ms: float = float('inf')) -> float:
+  """Median wall milliseconds of ``repeats`` calls of ``fn(*args)`` after one warm-up call, or
+  the warm-up call's time when that exceeds ``give_up_ms`` (a candidate already lost)."""
+  t = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = 1e3 * (time.perf_counter() - t)
+  if first > give_up_ms:
+    return first
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return 1e3 * statistics.median(times)
+
+
+def conv_operands(program: Program, leaves: list, arrays: list) -> dict[Eqn, tuple[list, dict]]:
+  """Every convolution's operands (as ``jax.ShapeDtypeStruct`` s) and parameters when
+  ``program`` runs on ``leaves`` and ``arrays``: found by tracing it once, abstractly."""
+  seen: dict[Eqn, tuple[list, dict]] = {}
+
+  def record(original, run, eqn, ins, params):
+    seen[original] = ([jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in ins], dict(params))
+    return original.entry.bind(run, eqn, ins, params)
+
+  def wrap(eqn: Eqn) -> Eqn:
+    if eqn.name != 'conv_general_dilated' or eqn.entry is None:
+      return eqn
+    return dataclasses.replace(eqn, entry=eqn.entry.replace(bind=functools.partial(record, eqn)))
+
+  recording = dataclasses.replace(program, steps=ir.map_eqns(program.steps, wrap))
+  sig = program.signature
+
+  def run(leaves, arrays):
+    return slim.evaluate(recording, leaves, arrays, slim.bind_inputs(sig.arrays, arrays, sig.fixed_reason))
+
+  jax.eval_shape(run, leaves, arrays)
+  return seen
+
+
+def lower_convs(
+  program: Program,
+  operands: Mapping[Eqn, tuple[list, dict]],
+  options: Mapping[str, Any],
+  repeats: int,
+  on_each: Callable[[], Any] = lambda: None,
+) -> tuple[Program, tuple[ConvTiming, ...]]:
+  """``program`` with each convolution bound as its fastest lowering under ``options``
+  (measured alone on random operands of its shapes), and the timings; ``on_each()`` after
+  each convolution."""
+  timings: dict[Eqn, ConvTiming] = {}
+  for k, (eqn, (specs, params)) in enumerate(operands.items()):
+    args = [
+      jax.random.normal(jax.random.key(k), s.shape, s.dtype)
+      if jnp.issubdtype(s.dtype, jnp.floating)
+      else jnp.zeros(s.shape, s.dtype)
+      for s in specs
+    ]
+    out = jax.eval_shape(functools.partial(eqn.primitive.bind, **params), *specs)
+    rule = conv_lowering_rule(out.shape, specs[1].shape, params)
+    candidates = [rule, *(h for h in CONV_LOWERINGS if h != rule)]  # the likely winner first
+    ms = {}
+    for how in candidates:
+      if how == 'dot' and not conv_as_dot_applies(params):
+        continue
+      fn = functools.partial(bind_conv, how, None, eqn, params=params)
+      compiled = jax.jit(lambda *a, fn=fn: fn(list(a))[0], compiler_options=dict(options) or None)
+      # A candidate 3× slower than the best so far on its first call has lost (XLA:CPU's
+      # convolutions to a few pixels take 80× the dot's time; no need to time them thrice).
+      best = min(ms.values(), default=float('inf'))
+      ms[how] = median_ms(compiled.lower(*args).compile(), args, repeats, give_up_ms=3 * best)
+    chosen = min(ms, key=ms.get)
+    timings[eqn] = ConvTiming(eqn.where, tuple(tuple(s.shape) for s in specs), ms, chosen)
+    on_each()
+
+  def lowered(eqn: Eqn) -> Eqn:
+    t = timings.get(eqn)
+    if t is None:
+      return eqn
+    return dataclasses.replace(eqn, entry=eqn.entry.replace(bind=functools.partial(bind_conv, t.chosen)))
+
+  return dataclasses.replace(program, steps=ir.map_eqns(program.steps, lowered)), tuple(timings.values())
