@@ -7,10 +7,10 @@
    full model (``model.apply``, with XLA's default options and with those the tuner chose for
    the full program; the analysed program cut with nothing removed, which lowers small-output
    convolutions as the slim program does; that program deployed, ``oto_jax.deploy_subnet``:
-   BatchNorm folded; and deployed with ``tune_inputs``: each convolution's lowering and the
-   XLA options measured), the slim model as cut, deployed, deployed and tuned, with widths
-   rounded up to multiples of 4 (``construct_subnet(group_divisible=4)``), and the slim model
-   HESSO's ``group_divisible=8`` would pick; and, when ``torch`` is installed, the PyTorch
+   BatchNorm folded; and deployed with ``tune_inputs``: each convolution's lowering, the XLA
+   options and whether folding pays measured), the slim model as cut, deployed, deployed and
+   tuned, with widths rounded up to multiples of 4 (``construct_subnet(group_divisible=4)``),
+   and the slim model HESSO's ``group_divisible=8`` would pick; and, when ``torch`` is installed, the PyTorch
    twins of the full and the slim model (``experiments/torch_reference.py``, same weights,
    outputs checked). Speedups are over the fastest full model of the same framework, printed
    with the FLOPs ratio of the pruning and speedup ÷ FLOPs ratio (target ≥ 0.85), and each
@@ -127,15 +127,15 @@ def speedup(name: str, batch: int, repeats: int, keep_flops: float, use_torch: b
     ('full, model.apply, tuned XLA options', None, ref, None, whole_tuned.compiler_options),
     ('full, oto_jax program', whole, ref, None, {}),
     ('full, BN folded', oto_jax.deploy_subnet(whole), ref, None, {}),
-    ('full, BN folded, tuned', whole_tuned, ref, None, whole_tuned.compiler_options),
+    ('full, tuned', whole_tuned, ref, None, whole_tuned.compiler_options),
     ('slim', sub, ref, flops['cut'], {}),
     ('slim, BN folded', deployed, ref, flops['cut'], {}),
-    ('slim, BN folded, tuned', tuned, ref, flops['cut'], tuned.compiler_options),
+    ('slim, tuned', tuned, ref, flops['cut'], tuned.compiler_options),
     ('slim, widths rounded up to ×4, BN folded', oto_jax.deploy_subnet(rounded), ref, flops['cut'], {}),
   ]
   for label, s, want, ratio in (
-    ('slim, widths rounded up to ×4, BN folded, tuned', rounded, ref, flops['cut']),
-    ('slim trained with group_divisible=8, BN folded, tuned', sub8, ref8, flops['gd8']),
+    ('slim, widths rounded up to ×4, tuned', rounded, ref, flops['cut']),
+    ('slim trained with group_divisible=8, tuned', sub8, ref8, flops['gd8']),
   ):
     s = oto_jax.deploy_subnet(s, tune_inputs=(x,))
     variants.append((label, s, want, ratio, s.compiler_options))

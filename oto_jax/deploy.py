@@ -63,7 +63,8 @@ def deploy_subnet(
   With ``tune_inputs``, the lowering is measured on the default device at those inputs'
   shapes (:mod:`oto_jax.tuning`): each convolution as the primitive or as one dot over its
   patches, and the whole program under each XLA option set of
-  :func:`oto_jax.tuning.option_sets`; the fastest is kept and reported in
+  :func:`oto_jax.tuning.option_sets`, folded and (if folding was asked for) not folded, since
+  under XLA a fold can cost more than it saves; the fastest is kept and reported in
   :attr:`Subnet.tuning`. :meth:`Subnet.apply` compiles with the chosen options
   (:attr:`Subnet.compiler_options`; pass them to your own ``jax.jit``). Without it, small-output
   and 1×1 convolutions run as one dot (a rule measured on a 2-core CPU), and a tuned subnet
@@ -93,8 +94,8 @@ def deploy_subnet(
     batch normalisation into the preceding layer).
   """
 
-  def finish(program: Program) -> Program:
-    if fold_batchnorm:
+  def finish(program: Program, fold: bool = fold_batchnorm) -> Program:
+    if fold:
       program = fold_affine(program)
     if drop_dead_code:
       program = without_dead_code(program)
@@ -115,7 +116,11 @@ def deploy_subnet(
   sets = tuning_.option_sets(jax.default_backend())
   program_ms: dict[str, float | None] = {}
   best = None
-  total = len(sets) * (len(operands) + 1)
+  # Folding is measured too: XLA fuses BatchNorm's passes with the activation after it, so a
+  # fold saves little there, and scaling the kernel in the program costs a pass over it per call.
+  folds = (True, False) if fold_batchnorm else (False,)
+  shapes = tuple(tuple(np.shape(a)) for a in arrays)
+  total = len(sets) * (len(operands) + len(folds))
   with tqdm(total=total, desc='tuning the lowering', disable=not progress, leave=False) as bar:
     for label, options in sets:
       try:
@@ -123,12 +128,13 @@ def deploy_subnet(
       except jax.errors.JaxRuntimeError:  # an XLA that does not know these options
         program_ms[label] = None
         continue
-      shapes = tuple(tuple(np.shape(a)) for a in arrays)
-      candidate = build(finish(program), tuning_.Tuning(options, label, {}, convs, shapes))
-      program_ms[label] = ms = tuning_.median_ms(candidate._call, (leaves, arrays), tune_repeats)
-      bar.update()
-      if best is None or ms < best[0]:
-        best = (ms, candidate)
+      for fold in folds:
+        name = label if fold == fold_batchnorm else f'{label}, BatchNorm not folded'
+        candidate = build(finish(program, fold), tuning_.Tuning(options, name, {}, convs, shapes, fold))
+        program_ms[name] = ms = tuning_.median_ms(candidate._call, (leaves, arrays), tune_repeats)
+        bar.update()
+        if best is None or ms < best[0]:
+          best = (ms, candidate)
   if best is None:
     raise RuntimeError(
       f'XLA refused every option set tried ({", ".join(program_ms)}); deploy without tune_inputs.'

@@ -83,6 +83,7 @@ class Tuning:
       (each with its own convolution choices); None where XLA refused the options.
     convs: every convolution's timings under the chosen option set.
     shapes: the tuning inputs' shapes.
+    folded: whether the chosen program folds per-channel affine maps (BatchNorm).
   """
 
   compiler_options: Mapping[str, Any]
@@ -90,12 +91,13 @@ class Tuning:
   program_ms: Mapping[str, float | None]
   convs: tuple[ConvTiming, ...]
   shapes: tuple[tuple[int, ...], ...]
+  folded: bool = False
 
   def markdown(self) -> str:
     lines = [
       f'Tuned at input shapes {", ".join(map(str, self.shapes))} on {jax.devices()[0].device_kind}.',
       '',
-      '| XLA options | program ms |',
+      '| XLA options, folding | program ms |',
       '|---|---|',
     ]
     for label, ms in self.program_ms.items():

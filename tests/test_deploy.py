@@ -284,9 +284,12 @@ def test_tuning_records_and_applies_its_choices(tuned):
   for c in t.convs:
     assert c.chosen == min(c.ms, key=c.ms.get)
   labels = [label for label, _ in oto_jax.tuning.option_sets(jax.default_backend())]
-  assert list(t.program_ms) == labels
+  assert list(t.program_ms) == [n for label in labels for n in (label, f'{label}, BatchNorm not folded')]
+  assert t.folded == (t.label in labels)
   assert t.program_ms[t.label] == min(ms for ms in t.program_ms.values() if ms is not None)
-  assert dep.compiler_options == dict(oto_jax.tuning.option_sets(jax.default_backend()))[t.label]
+  chosen_set = t.label.removesuffix(', BatchNorm not folded')
+  assert dep.compiler_options == dict(oto_jax.tuning.option_sets(jax.default_backend()))[chosen_set]
+  assert _names(dep)['sub'] == (0 if t.folded else 1)  # the BatchNorm after the first conv
   # The program binds a convolution exactly where 'conv' was chosen.
   kept = sum(c.chosen == 'conv' for c in t.convs)
   assert sum(e.primitive.name == 'conv_general_dilated' for e in dep.jaxpr.jaxpr.eqns) == kept
@@ -334,7 +337,7 @@ def test_option_sets_xla_refuses_are_skipped(tuned, monkeypatch):
   sets = (('XLA defaults', {}), ('unknown', {'xla_cpu_no_such_option': True}))
   monkeypatch.setattr(oto_jax.tuning, 'option_sets', lambda backend: sets)
   dep = oto_jax.deploy_subnet(sub, tune_inputs=(x,), tune_repeats=1, progress=False)
-  assert dep.tuning.program_ms['unknown'] is None and dep.tuning.label == 'XLA defaults'
+  assert dep.tuning.program_ms['unknown'] is None and dep.tuning.label.startswith('XLA defaults')
   assert dep.compiler_options == {}
   _close(sub.apply(sub.variables, x), dep.apply(dep.variables, x), 'tuned with a refused set')
 
