@@ -131,7 +131,8 @@ def median_ms(fn: Callable, args: Sequence, repeats: int, give_up_ms: float = fl
 
 def conv_operands(program: Program, leaves: list, arrays: list) -> dict[Eqn, tuple[list, dict]]:
   """Every convolution's operands (as ``jax.ShapeDtypeStruct`` s) and parameters when
-  ``program`` runs on ``leaves`` and ``arrays``: found by tracing it once, abstractly."""
+  ``program`` runs on ``leaves`` and ``arrays``: found by tracing it once, abstractly. A
+  convolution whose registry entry binds it its own way (a user's override) is left out."""
   seen: dict[Eqn, tuple[list, dict]] = {}
 
   def record(original, run, eqn, ins, params):
@@ -139,7 +140,8 @@ def conv_operands(program: Program, leaves: list, arrays: list) -> dict[Eqn, tup
     return original.entry.bind(run, eqn, ins, params)
 
   def wrap(eqn: Eqn) -> Eqn:
-    if eqn.name != 'conv_general_dilated' or eqn.entry is None:
+    bind = eqn.entry.bind if eqn.entry is not None else None
+    if eqn.name != 'conv_general_dilated' or getattr(bind, 'func', None) is not bind_conv:
       return eqn
     return dataclasses.replace(eqn, entry=eqn.entry.replace(bind=functools.partial(record, eqn)))
 
