@@ -83,10 +83,18 @@ def deploy_subnet(
     A new :class:`~oto_jax.Subnet` with the same partition, keep mask and variables; nothing
     passed in is modified.
 
+  Raises:
+    TypeError: ``tune_inputs`` is not a tuple of ``apply``'s positional inputs.
+    RuntimeError: XLA refused every option set tried.
+
   Example::
 
     fast = oto_jax.deploy_subnet(subnet)
     y = jax.jit(fast.apply)(fast.variables, x)   # == subnet.apply(subnet.variables, x)
+
+    tuned = oto_jax.deploy_subnet(subnet, tune_inputs=(x,))
+    print(tuned.tuning)                          # every lowering and option set timed
+    y = jax.jit(tuned.apply, compiler_options=tuned.compiler_options)(tuned.variables, x)
 
   References:
     Jacob et al., *Quantization and Training of Neural Networks for Efficient
