@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from oto_jax import tuning as tuning_
+from oto_jax.errors import ShapeSpecificError
 from oto_jax.ir import Call, Cond, Eqn, Literal, Loop, Program
 from oto_jax.surgery import Subnet, subnet_of
 
@@ -43,6 +44,7 @@ def deploy_subnet(
   fold_batchnorm: bool = True,
   drop_dead_code: bool = True,
   tune_inputs: tuple | None = None,
+  tune_kwargs: dict[str, Any] | None = None,
   tune_repeats: int = 3,
   progress: bool = True,
 ) -> Subnet:
@@ -76,6 +78,8 @@ def deploy_subnet(
     drop_dead_code: drop the equations whose results nothing reads.
     tune_inputs: example positional inputs of ``apply`` (a tuple) to tune the lowering at;
       None: no measurement.
+    tune_kwargs: ``apply``'s keyword arguments for the tuning call (static ones as analysed,
+      e.g. ``{'train': False}``).
     tune_repeats: timed calls per candidate (the median counts).
     progress: show a progress bar while tuning.
 
@@ -85,6 +89,7 @@ def deploy_subnet(
 
   Raises:
     TypeError: ``tune_inputs`` is not a tuple of ``apply``'s positional inputs.
+    ShapeSpecificError: the tuning inputs do not fit the analysed signature.
     RuntimeError: XLA refused every option set tried.
 
   Example::
@@ -119,7 +124,12 @@ def deploy_subnet(
       f"tune_inputs takes a tuple of apply's positional inputs, e.g. (x,); got {type(tune_inputs).__name__}."
     )
   leaves = subnet._variable_leaves(subnet.variables)
-  arrays = subnet._input_arrays(tune_inputs, {})
+  try:
+    arrays = subnet._input_arrays(tune_inputs, dict(tune_kwargs or {}))
+  except ShapeSpecificError as e:
+    raise ShapeSpecificError(
+      f'{e} For tuning: tune_inputs=(positional inputs,), tune_kwargs={{keywords}}.'
+    ) from e
   operands = tuning_.conv_operands(subnet.program, leaves, arrays)
   sets = tuning_.option_sets(jax.default_backend())
   program_ms: dict[str, float | None] = {}

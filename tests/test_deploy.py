@@ -342,6 +342,26 @@ def test_option_sets_xla_refuses_are_skipped(tuned, monkeypatch):
   _close(sub.apply(sub.variables, x), dep.apply(dep.variables, x), 'tuned with a refused set')
 
 
+def test_tuning_takes_the_analysed_keywords():
+  """A model analysed with a static keyword is tuned with it (``tune_kwargs``); without it the
+  signature check names the missing argument."""
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  built = arch.build('linen', convs, x)
+
+  def apply(v, x, *, double=False):
+    y = built.apply_fn(v, x)
+    return 2.0 * y if double else y
+
+  part = oto_jax.zig_partition(apply, built.variables, x, double=True)
+  sub = oto_jax.construct_subnet(part, part.zero(built.variables, [0, 2]), zig_ids=[0, 2])
+  dep = oto_jax.deploy_subnet(
+    sub, tune_inputs=(x,), tune_kwargs={'double': True}, tune_repeats=1, progress=False
+  )
+  _close(sub.apply(sub.variables, x, double=True), dep.apply(dep.variables, x, double=True), 'tuned')
+  with pytest.raises(oto_jax.ShapeSpecificError, match=r"'double'.*tune_kwargs"):
+    oto_jax.deploy_subnet(sub, tune_inputs=(x,), tune_repeats=1, progress=False)
+
+
 def test_tune_inputs_must_be_a_tuple(tuned):
   x, *_, sub, _ = tuned
   with pytest.raises(TypeError, match=r'tuple of apply'):
