@@ -19,10 +19,20 @@
 2. ``construct_subnet`` on ResNet-50 and BERT-base with half of their ZIGs removed: the time
    of a first call (target ≤ 0.5 s each; the partition is built before the clock starts),
    which includes one trace of the slim program that checks every equation's shape.
-   For the unrounded cut, every convolution and dot of the full and the slim program is also
-   timed alone, and the layers that lose most against their FLOPs ratio are listed.
+   For the unrounded cut, every convolution and dot of the tuned full and slim programs is also
+   timed alone, as tuned (lowering and XLA options), and the layers that lose most against
+   their FLOPs ratio are listed.
 3. ``Subnet.apply`` called eagerly against ``jax.jit(subnet.apply)`` on small models (target:
    eager within 3× of jitted; the slim program is compiled either way).
+
+Each latency comes with the minor page faults of a call: XLA:CPU allocates a program's
+temporaries afresh at every call, and glibc hands buffers above its mmap threshold back to the
+OS when they are freed, so every call faults its whole temporary buffer in again (PyTorch's
+activations likewise). Glibc's settings decide that, and are printed; to run both frameworks
+with freed memory kept::
+
+  MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \
+    python -m experiments.bench_subnet
 
 Usage::
 
@@ -34,6 +44,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import time
 import types
@@ -47,14 +58,34 @@ import oto_jax
 from experiments import models
 from oto_jax import budgets, ir
 
+try:
+  import resource
+except ImportError:  # not on Windows
+  resource = None
 
-def _time(fn, *args, repeats: int) -> list[float]:
+
+def _time(fn, *args, repeats: int, faults: list | None = None) -> list[float]:
+  """Seconds of each of ``repeats`` calls; with ``faults``, each call's minor page faults are
+  appended to it (0 where the platform does not count them)."""
   out = []
   for _ in range(repeats):
+    before = _minor_faults()
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     out.append(time.perf_counter() - t)
+    if faults is not None:
+      faults.append(_minor_faults() - before)
   return out
+
+
+def _minor_faults() -> int:
+  """This process's minor page faults so far (0 without the ``resource`` module)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
+# The glibc settings that decide whether a freed large buffer goes back to the OS (and so is
+# page-faulted in again on the next call); printed with the results.
+ALLOCATOR_ENV = ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')
 
 
 SPEEDUP_MODELS = {
@@ -154,11 +185,13 @@ def speedup(name: str, batch: int, repeats: int, keep_flops: float, use_torch: b
     runs += more
   # Interleaved, so that drifts of this noisy machine hit every variant alike.
   times: dict[str, list[float]] = {r['label']: [] for r in runs}
+  faults: dict[str, list[int]] = {r['label']: [] for r in runs}
   for _ in range(repeats):
     for r in runs:
-      times[r['label']] += _time(r['fn'], *r['args'], repeats=1)
+      times[r['label']] += _time(r['fn'], *r['args'], repeats=1, faults=faults[r['label']])
   for r in runs:
     r['ms'] = 1e3 * statistics.median(times[r['label']])
+    r['page_faults'] = statistics.median(faults[r['label']])
   by = {r['label']: r for r in runs}
   # Speedups over the fastest full model of the same framework: no slow baseline flatters them.
   fastest = min((r for r in runs if r['label'].startswith('full')), key=lambda r: r['ms'])
@@ -168,8 +201,9 @@ def speedup(name: str, batch: int, repeats: int, keep_flops: float, use_torch: b
     r['efficiency'] = None if r['flops_ratio'] is None else r['speedup'] / r['flops_ratio']
     del r['fn'], r['args']
   layers = []
-  # Where the time goes: each contraction of the full and the slim program alone.
-  for f, sl in zip(contraction_times(whole, 3), contraction_times(sub, 3)):
+  # Where the time goes: each contraction of the tuned full and slim program alone, as tuned.
+  full_layers = contraction_times(whole_tuned, 3, whole_tuned.compiler_options)
+  for f, sl in zip(full_layers, contraction_times(tuned, 3, tuned.compiler_options)):
     layers.append(
       {
         'op': f['op'],
@@ -232,11 +266,14 @@ def torch_runs(model, zeroed, sub, x, ref, flops_ratio: float) -> tuple[list[dic
   return out, {'version': torch.__version__, 'threads': torch.get_num_threads()}
 
 
-def contraction_times(subnet, repeats: int) -> list[dict]:
+def contraction_times(subnet, repeats: int, options: dict) -> list[dict]:
   """Each convolution and dot_general of a subnet's program run alone at its shapes, bound as
-  the slim program binds it (small-output convolutions as one dot): time and FLOPs."""
+  the program binds it (as one dot where tuned or ruled so) and compiled with XLA ``options``:
+  time and FLOPs."""
   prog = subnet.program
-  ctx = types.SimpleNamespace(values=prog.values, shape=lambda v: prog.values.shapes[v])
+  ctx = types.SimpleNamespace(
+    values=prog.values, shape=lambda v: prog.values.shapes[v], dtype=lambda v: prog.values.dtypes[v]
+  )
   out = []
   for k, eqn in enumerate(ir.iter_eqns(prog.steps)):
     if eqn.name not in ('conv_general_dilated', 'dot_general') or not all(type(v) is int for v in eqn.ins):
@@ -245,14 +282,18 @@ def contraction_times(subnet, repeats: int) -> list[dict]:
     ins = [jnp.ones(s, prog.values.dtypes[v]) for s, v in zip(shapes, eqn.ins)]
     bind = eqn.entry.bind
     fn = jax.jit(
-      lambda *a, e=eqn, b=bind: (b(ctx, e, list(a), e.params) if b else [e.primitive.bind(*a, **e.params)])[0]
+      lambda *a, e=eqn, b=bind: (b(ctx, e, list(a), e.params) if b else [e.primitive.bind(*a, **e.params)])[
+        0
+      ],
+      compiler_options=options or None,
     )
     jax.block_until_ready(fn(*ins))
     ms = 1e3 * statistics.median(_time(fn, *ins, repeats=repeats))
     flops = sum(
       t.coef * np.prod([prog.values.shapes[v][ax] for v, ax in t.axes]) for t in eqn.entry.cost(ctx, eqn)
     )
-    out.append({'index': k, 'op': eqn.name, 'shapes': shapes, 'ms': ms, 'gflops': flops / 1e9})
+    # The operands (a folded contraction also reads its scale and shift).
+    out.append({'index': k, 'op': eqn.name, 'shapes': shapes[:2], 'ms': ms, 'gflops': flops / 1e9})
   return out
 
 
@@ -313,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
   args = ap.parse_args(argv)
 
   use_torch = importlib.util.find_spec('torch') is not None and not args.no_torch
+  allocator = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
+  print(f'glibc allocator settings: {allocator or "defaults"}')
+  print()
   results = {}
   for name, (label, _) in SPEEDUP_MODELS.items():
     res = results[name] = speedup(name, args.batch, args.repeats, args.keep_flops, use_torch)
@@ -325,15 +369,18 @@ def main(argv: list[str] | None = None) -> int:
       + (f'PyTorch {ref["version"]} on {ref["threads"]} threads' if ref else 'PyTorch not installed')
     )
     print()
-    print('| model | latency ms | compile s | speedup | FLOPs ratio | speedup ÷ FLOPs ratio | max rel err |')
-    print('|---|---|---|---|---|---|---|')
+    print(
+      '| model | latency ms | compile s | speedup | FLOPs ratio | speedup ÷ FLOPs ratio | max rel err | '
+      'page faults per call |'
+    )
+    print('|---|---|---|---|---|---|---|---|')
     for r in res['runs']:
       eff = '' if r['efficiency'] is None else f'{r["efficiency"]:.2f}'
       ratio = '' if r['flops_ratio'] is None else f'{r["flops_ratio"]:.2f}×'
       layout = f' ({r["layout"]})' if 'layout' in r else ''
       print(
         f'| {r["label"]}{layout} | {r["ms"]:.1f} | {r["compile_s"]:.2f} | {r["speedup"]:.2f}× | {ratio} | '
-        f'{eff} | {r["max_rel_err"]:.1e} |'
+        f'{eff} | {r["max_rel_err"]:.1e} | {r["page_faults"]:,.0f} |'
       )
     print()
     best = max(
@@ -363,10 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     layers = res['layers']
     full_sum, slim_sum = sum(r['full_ms'] for r in layers), sum(r['slim_ms'] for r in layers)
     print(
-      f'{label}: its {len(layers)} contractions alone take {full_sum:.1f} ms (full) and '
-      f'{slim_sum:.1f} ms (slim) of the {runs["full, oto_jax program"]["ms"]:.1f} and '
-      f'{runs["slim"]["ms"]:.1f} ms end to end. The layers whose slim time is furthest above their '
-      'full time ÷ FLOPs ratio:'
+      f'{label}: its {len(layers)} contractions alone, as tuned, take {full_sum:.1f} ms (full) and '
+      f'{slim_sum:.1f} ms (slim) of the {runs["full, tuned"]["ms"]:.1f} and '
+      f'{runs["slim, tuned"]["ms"]:.1f} ms end to end. The layers whose slim time is furthest above '
+      'their full time ÷ FLOPs ratio:'
     )
     print()
     print('| op | full shapes | slim shapes | full ms | slim ms | FLOPs ratio | time ratio | slim GFLOP/s |')
@@ -398,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f'| {r["model"]} | {r["eager_ms"]:.2f} | {r["jit_ms"]:.2f} | {r["ratio"]:.2f} | {verdict} |')
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({**results, 'construct': cons, 'eager': eager, 'batch': args.batch}, f, indent=1)
+      out = {**results, 'construct': cons, 'eager': eager, 'batch': args.batch, 'allocator': allocator}
+      json.dump(out, f, indent=1)
   return 0
 
 

@@ -8,7 +8,10 @@ default device and at the shapes of the given inputs:
 * each convolution alone, bound as the primitive and as one ``dot_general`` over its patches
   (:func:`~oto_jax.primitives.contractions.conv_as_dot`), keeping the faster;
 * the whole program under each of a few XLA option sets (:func:`option_sets`; on CPU, with and
-  without the YNNPACK library for convolutions), keeping the fastest.
+  without the YNNPACK library for convolutions), keeping the fastest;
+* under the fastest set, the program that binds a convolution as a dot only where the dot was
+  ``CLEAR_WIN`` times faster alone, kept if it runs faster whole (alone, a convolution runs
+  without its neighbours, and small wins there can be losses in the program).
 
 Every candidate computes the same products; only the rounding order differs.
 """
@@ -155,16 +158,22 @@ def conv_operands(program: Program, leaves: list, arrays: list) -> dict[Eqn, tup
   return seen
 
 
-def lower_convs(
-  program: Program,
+# In a whole program a dot's small win alone can turn into a loss (ResNet-50 at batch 64 on a
+# 2-core CPU: every convolution as the primitive 1156 ms, each one's fastest lowering alone 1243
+# ms), so the tuner also times the plan that leaves the primitive only for clear wins (the
+# few-pixel convolutions XLA:CPU runs 20-80x slower than the dot).
+CLEAR_WIN = 1.5
+
+
+def time_convs(
   operands: Mapping[Eqn, tuple[list, dict]],
   options: Mapping[str, Any],
   repeats: int,
   on_each: Callable[[], Any] = lambda: None,
-) -> tuple[Program, tuple[ConvTiming, ...]]:
-  """``program`` with each convolution bound as its fastest lowering under ``options``
-  (measured alone on random operands of its shapes), and the timings; ``on_each()`` after
-  each convolution."""
+) -> dict[Eqn, ConvTiming]:
+  """Each convolution of ``operands`` (:func:`conv_operands`) timed alone under ``options`` on
+  random operands of its shapes, as every lowering that applies; ``chosen`` is the fastest.
+  ``on_each()`` after each convolution."""
   timings: dict[Eqn, ConvTiming] = {}
   for k, (eqn, (specs, params)) in enumerate(operands.items()):
     args = [
@@ -186,14 +195,29 @@ def lower_convs(
       # convolutions to a few pixels take 80× the dot's time; no need to time them thrice).
       best = min(ms.values(), default=float('inf'))
       ms[how] = median_ms(compiled.lower(*args).compile(), args, repeats, give_up_ms=3 * best)
-    chosen = min(ms, key=ms.get)
-    timings[eqn] = ConvTiming(eqn.where, tuple(tuple(s.shape) for s in specs), ms, chosen)
+    timings[eqn] = ConvTiming(eqn.where, tuple(tuple(s.shape) for s in specs), ms, min(ms, key=ms.get))
     on_each()
+  return timings
+
+
+def choose(timing: ConvTiming, margin: float = 1.0) -> str:
+  """The fastest lowering of a convolution alone; with ``margin > 1``, the primitive
+  (``'conv'``) unless another lowering is ``margin`` times faster."""
+  best = min(timing.ms, key=timing.ms.get)
+  return best if timing.ms[best] * margin <= timing.ms['conv'] else 'conv'
+
+
+def lower_convs(
+  program: Program, timings: Mapping[Eqn, ConvTiming], margin: float = 1.0
+) -> tuple[Program, tuple[ConvTiming, ...]]:
+  """``program`` with each timed convolution bound as :func:`choose` picks, and the timings
+  with those choices."""
+  chosen = {e: dataclasses.replace(t, chosen=choose(t, margin)) for e, t in timings.items()}
 
   def lowered(eqn: Eqn) -> Eqn:
-    t = timings.get(eqn)
+    t = chosen.get(eqn)
     if t is None:
       return eqn
     return dataclasses.replace(eqn, entry=eqn.entry.replace(bind=functools.partial(bind_conv, t.chosen)))
 
-  return dataclasses.replace(program, steps=ir.map_eqns(program.steps, lowered)), tuple(timings.values())
+  return dataclasses.replace(program, steps=ir.map_eqns(program.steps, lowered)), tuple(chosen.values())

@@ -281,13 +281,22 @@ def test_tuning_records_and_applies_its_choices(tuned):
   assert t.shapes == (x.shape,)
   assert len(t.convs) == 4
   assert [set(c.ms) for c in t.convs] == [{'conv', 'dot'}, {'conv'}, {'conv', 'dot'}, {'conv', 'dot'}]
+  clear = f', dots only where {oto_jax.tuning.CLEAR_WIN:g}× faster alone'
+  margin = oto_jax.tuning.CLEAR_WIN if t.label.endswith(clear) else 1.0
   for c in t.convs:
-    assert c.chosen == min(c.ms, key=c.ms.get)
+    assert c.chosen == oto_jax.tuning.choose(c, margin)
   labels = [label for label, _ in oto_jax.tuning.option_sets(jax.default_backend())]
-  assert list(t.program_ms) == [n for label in labels for n in (label, f'{label}, BatchNorm not folded')]
-  assert t.folded == (t.label in labels)
+  names = [n for label in labels for n in (label, f'{label}, BatchNorm not folded')]
+  # The clear-wins plan is timed once, under the fastest of the others, if it differs from it.
+  assert list(t.program_ms)[: len(names)] == names
+  assert [n.removesuffix(clear) for n in list(t.program_ms)[len(names) :]] in (
+    [],
+    [min(names, key=t.program_ms.get)],
+  )
+  base = t.label.removesuffix(clear)
+  assert t.folded == (base in labels)
   assert t.program_ms[t.label] == min(ms for ms in t.program_ms.values() if ms is not None)
-  chosen_set = t.label.removesuffix(', BatchNorm not folded')
+  chosen_set = base.removesuffix(', BatchNorm not folded')
   assert dep.compiler_options == dict(oto_jax.tuning.option_sets(jax.default_backend()))[chosen_set]
   assert _names(dep)['sub'] == (0 if t.folded else 1)  # the BatchNorm after the first conv
   # The program binds a convolution exactly where 'conv' was chosen.
@@ -296,6 +305,43 @@ def test_tuning_records_and_applies_its_choices(tuned):
   assert 'conv ms' in t.markdown() and t.label in str(t)
   # Deploying a tuned subnet again keeps its tuning; the untuned subnet has none.
   assert oto_jax.deploy_subnet(dep).tuning is t and sub.tuning is None and sub.compiler_options == {}
+
+
+def test_clear_wins_plan(tuned, monkeypatch):
+  """With timings where the dot wins one convolution by far and two by a little, the plan with
+  a margin keeps only the far win; the tuner times it under the fastest option set, and the
+  program binds what the record says."""
+  x, *_, sub, _ = tuned
+  real = oto_jax.tuning.time_convs
+
+  def fake(operands, options, repeats, on_each=lambda: None):
+    gains = iter([1.1, 10.0, 1.1])  # the dot faster by 10%, 10×, 10% (the grouped conv has none)
+    return {
+      e: dataclasses.replace(
+        t, ms={'conv': 1.0, 'dot': 1.0 / next(gains)} if 'dot' in t.ms else {'conv': 1.0}
+      )
+      for e, t in real(operands, options, 1, on_each).items()
+    }
+
+  leaves = sub._variable_leaves(sub.variables)
+  timings = fake(oto_jax.tuning.conv_operands(sub.program, leaves, [x]), {}, 1)
+  want = sub.apply(sub.variables, x)
+  for margin, lowerings in ((1.0, 'dcdd'), (oto_jax.tuning.CLEAR_WIN, 'ccdc')):
+    program, convs = oto_jax.tuning.lower_convs(sub.program, timings, margin)
+    assert ''.join(c.chosen[0] for c in convs) == lowerings
+    got = subnet_of(sub.partition, sub.keep, sub.variables, program, sub._cut)
+    assert sum(e.primitive.name == 'conv_general_dilated' for e in got.jaxpr.jaxpr.eqns) == lowerings.count(
+      'c'
+    )
+    _close(want, got.apply(sub.variables, x), f'margin {margin}')
+
+  monkeypatch.setattr(oto_jax.tuning, 'time_convs', fake)
+  t = oto_jax.deploy_subnet(sub, tune_inputs=(x,), tune_repeats=1, progress=False).tuning
+  clear = f', dots only where {oto_jax.tuning.CLEAR_WIN:g}× faster alone'
+  names = list(t.program_ms)
+  assert len(names) == 2 * len(oto_jax.tuning.option_sets(jax.default_backend())) + 1
+  assert names[-1] == min(names[:-1], key=t.program_ms.get) + clear
+  assert ''.join(c.chosen[0] for c in t.convs) == ('ccdc' if t.label == names[-1] else 'dcdd')
 
 
 def test_forced_lowerings_compute_the_same(tuned):
