@@ -58,29 +58,19 @@ import oto_jax
 from experiments import models
 from oto_jax import budgets, ir
 
-try:
-  import resource
-except ImportError:  # not on Windows
-  resource = None
-
 
 def _time(fn, *args, repeats: int, faults: list | None = None) -> list[float]:
   """Seconds of each of ``repeats`` calls; with ``faults``, each call's minor page faults are
   appended to it (0 where the platform does not count them)."""
   out = []
   for _ in range(repeats):
-    before = _minor_faults()
+    before = oto_jax.tuning.minor_faults()
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     out.append(time.perf_counter() - t)
     if faults is not None:
-      faults.append(_minor_faults() - before)
+      faults.append(0 if before is None else oto_jax.tuning.minor_faults() - before)
   return out
-
-
-def _minor_faults() -> int:
-  """This process's minor page faults so far (0 without the ``resource`` module)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 # The glibc settings that decide whether a freed large buffer goes back to the OS (and so is

@@ -136,15 +136,16 @@ def deploy_subnet(
   sets = tuning_.option_sets(jax.default_backend())
   shapes = tuple(tuple(np.shape(a)) for a in arrays)
   program_ms: dict[str, float | None] = {}
-  best = None  # (ms, subnet, its option set's convolution timings)
+  best = None  # (ms, subnet, its option set's convolution timings, page faults of its calls)
 
   def measure(name: str, options: dict, timings: dict, fold: bool, margin: float = 1.0) -> None:
     nonlocal best
     program, convs = tuning_.lower_convs(subnet.program, timings, margin)
     candidate = build(finish(program, fold), tuning_.Tuning(options, name, {}, convs, shapes, fold))
-    program_ms[name] = ms = tuning_.median_ms(candidate._call, (leaves, arrays), tune_repeats)
+    faults: list[int] = []
+    program_ms[name] = ms = tuning_.median_ms(candidate._call, (leaves, arrays), tune_repeats, faults=faults)
     if best is None or ms < best[0]:
-      best = (ms, candidate, timings)
+      best = (ms, candidate, timings, faults)
 
   # Folding is measured too: XLA fuses BatchNorm's passes with the activation after it, so a
   # fold saves little there, and scaling the kernel in the program costs a pass over it per call.
@@ -170,9 +171,12 @@ def deploy_subnet(
     raise RuntimeError(
       f'XLA refused every option set tried ({", ".join(program_ms)}); deploy without tune_inputs.'
     )
-  chosen = best[1]
-  # The record holds every set's time, known only now.
-  return dataclasses.replace(chosen, tuning=dataclasses.replace(chosen.tuning, program_ms=program_ms))
+  _, chosen, _, faults = best
+  # The record holds every candidate's time, known only now.
+  record = dataclasses.replace(
+    chosen.tuning, program_ms=program_ms, page_faults=float(np.median(faults)) if faults else None
+  )
+  return dataclasses.replace(chosen, tuning=record)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,11 @@ from oto_jax import ir, slim
 from oto_jax.ir import Eqn, Program
 from oto_jax.primitives.contractions import CONV_LOWERINGS, bind_conv, conv_as_dot_applies, conv_lowering_rule
 
+try:
+  import resource
+except ImportError:  # Windows: page faults are not counted
+  resource = None
+
 _YNN = 'xla_cpu_experimental_ynn_fusion_type'
 _XNN = 'xla_cpu_experimental_xnn_fusion_type'
 
@@ -87,6 +92,10 @@ class Tuning:
     convs: every convolution's timings under the chosen option set.
     shapes: the tuning inputs' shapes.
     folded: whether the chosen program folds per-channel affine maps (BatchNorm).
+    page_faults: median minor page faults of one call of the chosen program while it was timed
+      (None where not counted). XLA:CPU allocates a program's temporaries at every call and
+      glibc hands large freed blocks back to the OS, so each call faults them in again; see
+      README, "Serving on a Linux CPU".
   """
 
   compiler_options: Mapping[str, Any]
@@ -95,6 +104,7 @@ class Tuning:
   convs: tuple[ConvTiming, ...]
   shapes: tuple[tuple[int, ...], ...]
   folded: bool = False
+  page_faults: float | None = None
 
   def markdown(self) -> str:
     lines = [
@@ -110,15 +120,31 @@ class Tuning:
     for c in self.convs:
       cells = [f'{c.ms[k]:.2f}' if k in c.ms else '' for k in CONV_LOWERINGS]
       lines.append(f'| {c.where} | {c.shapes[0]}, {c.shapes[1]} | {" | ".join(cells)} | {c.chosen} |')
+    if self.page_faults:
+      lines += [
+        '',
+        f'A call of the chosen program faulted {self.page_faults:,.0f} pages in (its temporaries, '
+        'allocated afresh at every call). On Linux, starting the process with MALLOC_ARENA_MAX=1 '
+        'MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 keeps freed memory for the next call.',
+      ]
     return '\n'.join(lines)
 
   def __str__(self) -> str:
     return self.markdown()
 
 
-def median_ms(fn: Callable, args: Sequence, repeats: int, give_up_ms: float = float('inf')) -> float:
+def minor_faults() -> int | None:
+  """This process's minor page faults so far (first touches of fresh memory), or None where
+  the platform does not count them."""
+  return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def median_ms(
+  fn: Callable, args: Sequence, repeats: int, give_up_ms: float = float('inf'), faults: list | None = None
+) -> float:
   """Median wall milliseconds of ``repeats`` calls of ``fn(*args)`` after one warm-up call, or
-  the warm-up call's time when that exceeds ``give_up_ms`` (a candidate already lost)."""
+  the warm-up call's time when that exceeds ``give_up_ms`` (a candidate already lost). With
+  ``faults``, each timed call's minor page faults are appended to it where they are counted."""
   t = time.perf_counter()
   jax.block_until_ready(fn(*args))
   first = 1e3 * (time.perf_counter() - t)
@@ -126,9 +152,12 @@ def median_ms(fn: Callable, args: Sequence, repeats: int, give_up_ms: float = fl
     return first
   times = []
   for _ in range(repeats):
+    before = minor_faults()
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
+    if faults is not None and before is not None:
+      faults.append(minor_faults() - before)
   return 1e3 * statistics.median(times)
 
 

@@ -303,8 +303,22 @@ def test_tuning_records_and_applies_its_choices(tuned):
   kept = sum(c.chosen == 'conv' for c in t.convs)
   assert sum(e.primitive.name == 'conv_general_dilated' for e in dep.jaxpr.jaxpr.eqns) == kept
   assert 'conv ms' in t.markdown() and t.label in str(t)
+  # Page faults of the chosen program's calls are counted where the platform counts them.
+  assert (t.page_faults is None) == (oto_jax.tuning.minor_faults() is None)
+  assert t.page_faults is None or t.page_faults >= 0
+  assert '1,234 pages' in dataclasses.replace(t, page_faults=1234.0).markdown()
+  assert 'pages' not in dataclasses.replace(t, page_faults=0.0).markdown()
   # Deploying a tuned subnet again keeps its tuning; the untuned subnet has none.
   assert oto_jax.deploy_subnet(dep).tuning is t and sub.tuning is None and sub.compiler_options == {}
+
+
+@pytest.mark.skipif(oto_jax.tuning.minor_faults() is None, reason='page faults are not counted here')
+def test_minor_faults_count_first_touches():
+  """Touching 64 MB of fresh memory faults pages in (fewer with transparent huge pages)."""
+  before = oto_jax.tuning.minor_faults()
+  fresh = np.ones(16 * 2**20, np.float32)
+  assert oto_jax.tuning.minor_faults() > before
+  del fresh
 
 
 def test_clear_wins_plan(tuned, monkeypatch):
