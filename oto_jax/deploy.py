@@ -163,7 +163,7 @@ def deploy_subnet(
         bar.update()
     if best is not None:  # the fastest set again, trusting the timings alone less
       fastest, timings = best[1].tuning, best[2]
-      if any(tuning_.choose(t, tuning_.CLEAR_WIN) != t.chosen for t in timings.values()):
+      if any(tuning_.choose(t, tuning_.CLEAR_WIN) != tuning_.choose(t) for t in timings.values()):
         name = f'{fastest.label}, dots only where {tuning_.CLEAR_WIN:g}× faster alone'
         measure(name, dict(fastest.compiler_options), timings, fastest.folded, tuning_.CLEAR_WIN)
       bar.update()

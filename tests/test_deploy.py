@@ -330,12 +330,11 @@ def test_clear_wins_plan(tuned, monkeypatch):
 
   def fake(operands, options, repeats, on_each=lambda: None):
     gains = iter([1.1, 10.0, 1.1])  # the dot faster by 10%, 10×, 10% (the grouped conv has none)
-    return {
-      e: dataclasses.replace(
-        t, ms={'conv': 1.0, 'dot': 1.0 / next(gains)} if 'dot' in t.ms else {'conv': 1.0}
-      )
-      for e, t in real(operands, options, 1, on_each).items()
-    }
+    out = {}
+    for e, t in real(operands, options, 1, on_each).items():
+      ms = {'conv': 1.0, 'dot': 1.0 / next(gains)} if 'dot' in t.ms else {'conv': 1.0}
+      out[e] = dataclasses.replace(t, ms=ms, chosen=min(ms, key=ms.get))
+    return out
 
   leaves = sub._variable_leaves(sub.variables)
   timings = fake(oto_jax.tuning.conv_operands(sub.program, leaves, [x]), {}, 1)
