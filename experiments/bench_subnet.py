@@ -271,12 +271,11 @@ def contraction_times(subnet, repeats: int, options: dict) -> list[dict]:
     shapes = [tuple(int(d) for d in prog.values.shapes[v]) for v in eqn.ins]
     ins = [jnp.ones(s, prog.values.dtypes[v]) for s, v in zip(shapes, eqn.ins)]
     bind = eqn.entry.bind
-    fn = jax.jit(
-      lambda *a, e=eqn, b=bind: (b(ctx, e, list(a), e.params) if b else [e.primitive.bind(*a, **e.params)])[
-        0
-      ],
-      compiler_options=options or None,
-    )
+
+    def alone(*a, e=eqn, b=bind):
+      return (b(ctx, e, list(a), e.params) if b else [e.primitive.bind(*a, **e.params)])[0]
+
+    fn = jax.jit(alone, compiler_options=options or None)
     jax.block_until_ready(fn(*ins))
     ms = 1e3 * statistics.median(_time(fn, *ins, repeats=repeats))
     flops = sum(

@@ -224,7 +224,8 @@ def time_convs(
       # convolutions to a few pixels take 80× the dot's time; no need to time them thrice).
       best = min(ms.values(), default=float('inf'))
       ms[how] = median_ms(compiled.lower(*args).compile(), args, repeats, give_up_ms=3 * best)
-    timings[eqn] = ConvTiming(eqn.where, tuple(tuple(s.shape) for s in specs), ms, min(ms, key=ms.get))
+    timing = ConvTiming(eqn.where, tuple(tuple(s.shape) for s in specs), ms, chosen='conv')
+    timings[eqn] = dataclasses.replace(timing, chosen=choose(timing))
     on_each()
   return timings
 

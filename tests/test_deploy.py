@@ -312,7 +312,10 @@ def test_tuning_records_and_applies_its_choices(tuned):
   assert oto_jax.deploy_subnet(dep).tuning is t and sub.tuning is None and sub.compiler_options == {}
 
 
-@pytest.mark.skipif(oto_jax.tuning.minor_faults() is None, reason='page faults are not counted here')
+@pytest.mark.skipif(
+  oto_jax.tuning.minor_faults() is None,
+  reason='no resource module on this platform (Windows): page faults are not counted',
+)
 def test_minor_faults_count_first_touches():
   """Touching 64 MB of fresh memory faults pages in (fewer with transparent huge pages)."""
   before = oto_jax.tuning.minor_faults()
