@@ -196,7 +196,7 @@ def speedup(name: str, batch: int, repeats: int, keep_flops: float, use_torch: b
   for f, sl in zip(full_layers, contraction_times(tuned, 3, tuned.compiler_options)):
     layers.append(
       {
-        'op': f['op'],
+        'op': f['op'] if f['op'] == sl['op'] else f'{f["op"]} (slim: {sl["op"].split(" as ")[-1]})',
         'full_shapes': f['shapes'],
         'slim_shapes': sl['shapes'],
         'full_ms': f['ms'],
@@ -258,13 +258,14 @@ def torch_runs(model, zeroed, sub, x, ref, flops_ratio: float) -> tuple[list[dic
 
 def contraction_times(subnet, repeats: int, options: dict) -> list[dict]:
   """Each convolution and dot_general of a subnet's program run alone at its shapes, bound as
-  the program binds it (as one dot where tuned or ruled so) and compiled with XLA ``options``:
-  time and FLOPs."""
+  the program binds it (a tuned lowering, or the rule's) and compiled with XLA ``options``:
+  time, FLOPs, and a tuned convolution's lowering in its ``op``."""
   prog = subnet.program
   ctx = types.SimpleNamespace(
     values=prog.values, shape=lambda v: prog.values.shapes[v], dtype=lambda v: prog.values.dtypes[v]
   )
   out = []
+  tuned = iter(subnet.tuning.convs if subnet.tuning else ())
   for k, eqn in enumerate(ir.iter_eqns(prog.steps)):
     if eqn.name not in ('conv_general_dilated', 'dot_general') or not all(type(v) is int for v in eqn.ins):
       continue
@@ -281,8 +282,12 @@ def contraction_times(subnet, repeats: int, options: dict) -> list[dict]:
     flops = sum(
       t.coef * np.prod([prog.values.shapes[v][ax] for v, ax in t.axes]) for t in eqn.entry.cost(ctx, eqn)
     )
+    # A tuned program's convolutions, in program order, are its tuning record's.
+    timing = next(tuned) if eqn.name == 'conv_general_dilated' and subnet.tuning else None
+    assert timing is None or timing.shapes[1] == shapes[1], (timing, shapes)
+    op = eqn.name if timing is None else f'{eqn.name} as {timing.chosen}'
     # The operands (a folded contraction also reads its scale and shift).
-    out.append({'index': k, 'op': eqn.name, 'shapes': shapes[:2], 'ms': ms, 'gflops': flops / 1e9})
+    out.append({'index': k, 'op': op, 'shapes': shapes[:2], 'ms': ms, 'gflops': flops / 1e9})
   return out
 
 
@@ -402,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
       f'{label}: its {len(layers)} contractions alone, as tuned, take {full_sum:.1f} ms (full) and '
       f'{slim_sum:.1f} ms (slim) of the {runs["full, tuned"]["ms"]:.1f} and '
       f'{runs["slim, tuned"]["ms"]:.1f} ms end to end. The layers whose slim time is furthest above '
-      'their full time ÷ FLOPs ratio:'
+      "their full time ÷ FLOPs ratio (GFLOP/s count a convolution's direct FLOPs, whatever its lowering):"
     )
     print()
     print('| op | full shapes | slim shapes | full ms | slim ms | FLOPs ratio | time ratio | slim GFLOP/s |')

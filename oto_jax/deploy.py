@@ -63,16 +63,16 @@ def deploy_subnet(
   BatchNorm (batch statistics) is left alone: its statistics come from the inputs.
 
   With ``tune_inputs``, the lowering is measured on the default device at those inputs'
-  shapes (:mod:`oto_jax.tuning`): each convolution as the primitive or as one dot over its
-  patches, and the whole program under each XLA option set of
-  :func:`oto_jax.tuning.option_sets`, folded and (if folding was asked for) not folded, since
-  under XLA a fold can cost more than it saves; then, under the fastest of those, the program
-  that keeps the primitive unless the dot was ``oto_jax.tuning.CLEAR_WIN`` times faster alone
-  (small wins alone can be losses in the program). The fastest is kept and reported in
-  :attr:`Subnet.tuning`. :meth:`Subnet.apply` compiles with the chosen options
-  (:attr:`Subnet.compiler_options`; pass them to your own ``jax.jit``). Without it, small-output
-  and 1×1 convolutions run as one dot (a rule measured on a 2-core CPU), and a tuned subnet
-  keeps its tuning.
+  shapes (:mod:`oto_jax.tuning`): each convolution as the primitive, as one dot over its
+  patches, and (3×3, stride 1, float32/64) by Winograd's F(2×2, 3×3), and the whole program
+  under each XLA option set of :func:`oto_jax.tuning.option_sets`, folded and (if folding was
+  asked for) not folded, since under XLA a fold can cost more than it saves; then, under the
+  fastest of those, the program that keeps the primitive unless another lowering was
+  ``oto_jax.tuning.CLEAR_WIN`` times faster alone (small wins alone can be losses in the
+  program). The fastest is kept and reported in :attr:`Subnet.tuning`. :meth:`Subnet.apply`
+  compiles with the chosen options (:attr:`Subnet.compiler_options`; pass them to your own
+  ``jax.jit``). Without it, small-output and 1×1 convolutions run as one dot (a rule measured
+  on a 2-core CPU), and a tuned subnet keeps its tuning.
 
   Args:
     subnet: a slim model (:func:`oto_jax.construct_subnet`).
@@ -164,7 +164,7 @@ def deploy_subnet(
     if best is not None:  # the fastest set again, trusting the timings alone less
       fastest, timings = best[1].tuning, best[2]
       if any(tuning_.choose(t, tuning_.CLEAR_WIN) != tuning_.choose(t) for t in timings.values()):
-        name = f'{fastest.label}, dots only where {tuning_.CLEAR_WIN:g}× faster alone'
+        name = f'{fastest.label}, {tuning_.CLEAR_WIN_LABEL}'
         measure(name, dict(fastest.compiler_options), timings, fastest.folded, tuning_.CLEAR_WIN)
       bar.update()
   if best is None:

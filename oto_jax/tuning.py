@@ -5,15 +5,19 @@ way to run one depends on the backend, its libraries and the shape; no fixed rul
 every machine. :func:`oto_jax.deploy_subnet` with ``tune_inputs`` therefore measures, on the
 default device and at the shapes of the given inputs:
 
-* each convolution alone, bound as the primitive and as one ``dot_general`` over its patches
-  (:func:`~oto_jax.primitives.contractions.conv_as_dot`), keeping the faster;
+* each convolution alone, bound as every lowering that computes it
+  (:func:`~oto_jax.primitives.contractions.conv_lowerings`): the primitive, one ``dot_general``
+  over its patches (:func:`~oto_jax.primitives.contractions.conv_as_dot`), and for a 3×3,
+  stride-1 one Winograd's F(2×2, 3×3) (:func:`~oto_jax.primitives.contractions.conv_as_winograd`:
+  16 matrix products per 2×2 output tile instead of 36), keeping the fastest;
 * the whole program under each of a few XLA option sets (:func:`option_sets`; on CPU, with and
   without the YNNPACK library for convolutions), keeping the fastest;
-* under the fastest set, the program that binds a convolution as a dot only where the dot was
-  ``CLEAR_WIN`` times faster alone, kept if it runs faster whole (alone, a convolution runs
+* under the fastest set, the program that binds a convolution as another lowering only where
+  that was ``CLEAR_WIN`` times faster alone, kept if it runs faster whole (alone, a convolution runs
   without its neighbours, and small wins there can be losses in the program).
 
-Every candidate computes the same products; only the rounding order differs.
+Every candidate computes the same sums; only the rounding differs (Winograd's transforms add,
+subtract and halve: about 1e-6 relative in float32).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 
 from oto_jax import ir, slim
 from oto_jax.ir import Eqn, Program
-from oto_jax.primitives.contractions import CONV_LOWERINGS, bind_conv, conv_as_dot_applies, conv_lowering_rule
+from oto_jax.primitives.contractions import CONV_LOWERINGS, bind_conv, conv_lowering_rule, conv_lowerings
 
 try:
   import resource
@@ -69,7 +73,7 @@ class ConvTiming:
   Attributes:
     where: the convolution's source location in the model.
     shapes: its operands' shapes at the tuning inputs (input, kernel).
-    ms: median milliseconds of each lowering that applies (``'conv'``, ``'dot'``).
+    ms: median milliseconds of each lowering that applies (``'conv'``, ``'dot'``, ``'winograd'``).
     chosen: the lowering kept.
   """
 
@@ -116,7 +120,12 @@ class Tuning:
     for label, ms in self.program_ms.items():
       mark = ' (chosen)' if label == self.label else ''
       lines.append(f'| {label}{mark} | {"refused" if ms is None else f"{ms:.2f}"} |')
-    lines += ['', '| convolution | input, kernel | conv ms | dot ms | chosen |', '|---|---|---|---|---|']
+    ms_heads = ' | '.join(f'{k} ms' for k in CONV_LOWERINGS)
+    lines += [
+      '',
+      f'| convolution | input, kernel | {ms_heads} | chosen |',
+      '|---|---|' + '---|' * len(CONV_LOWERINGS) + '---|',
+    ]
     for c in self.convs:
       cells = [f'{c.ms[k]:.2f}' if k in c.ms else '' for k in CONV_LOWERINGS]
       lines.append(f'| {c.where} | {c.shapes[0]}, {c.shapes[1]} | {" | ".join(cells)} | {c.chosen} |')
@@ -192,6 +201,7 @@ def conv_operands(program: Program, leaves: list, arrays: list) -> dict[Eqn, tup
 # ms), so the tuner also times the plan that leaves the primitive only for clear wins (the
 # few-pixel convolutions XLA:CPU runs 20-80x slower than the dot).
 CLEAR_WIN = 1.5
+CLEAR_WIN_LABEL = f'other lowerings only where {CLEAR_WIN:g}× faster alone'
 
 
 def time_convs(
@@ -213,11 +223,9 @@ def time_convs(
     ]
     out = jax.eval_shape(functools.partial(eqn.primitive.bind, **params), *specs)
     rule = conv_lowering_rule(out.shape, specs[1].shape, params)
-    candidates = [rule, *(h for h in CONV_LOWERINGS if h != rule)]  # the likely winner first
+    applies = conv_lowerings(*specs, params)
     ms = {}
-    for how in candidates:
-      if how == 'dot' and not conv_as_dot_applies(params):
-        continue
+    for how in [rule, *(h for h in applies if h != rule)]:  # the likely winner first
       fn = functools.partial(bind_conv, how, None, eqn, params=params)
       compiled = jax.jit(lambda *a, fn=fn: fn(list(a))[0], compiler_options=dict(options) or None)
       # A candidate 3× slower than the best so far on its first call has lost (XLA:CPU's

@@ -19,7 +19,7 @@ import pytest
 
 import oto_jax
 from experiments import models
-from experiments.bench_subnet import trained_stats
+from experiments.bench_subnet import contraction_times, trained_stats
 from oto_jax import ir
 from oto_jax.primitives.contractions import bind_conv
 from oto_jax.surgery import subnet_of
@@ -273,15 +273,21 @@ def test_tuning_keeps_outputs_at_every_batch(tuned):
 
 
 def test_tuning_records_and_applies_its_choices(tuned):
-  """Every convolution is timed as each lowering that applies (the grouped one has no dot),
+  """Every convolution is timed as each lowering that applies (the grouped one has no dot, only
+  the 3×3 stride-1 one has Winograd),
   the faster is chosen and is what the program runs; every option set of this backend was
   timed and the fastest's options are the subnet's."""
   x, *_, sub, dep = tuned
   t = dep.tuning
   assert t.shapes == (x.shape,)
   assert len(t.convs) == 4
-  assert [set(c.ms) for c in t.convs] == [{'conv', 'dot'}, {'conv'}, {'conv', 'dot'}, {'conv', 'dot'}]
-  clear = f', dots only where {oto_jax.tuning.CLEAR_WIN:g}× faster alone'
+  assert [set(c.ms) for c in t.convs] == [
+    {'conv', 'dot', 'winograd'},
+    {'conv'},
+    {'conv', 'dot'},
+    {'conv', 'dot'},
+  ]
+  clear = f', {oto_jax.tuning.CLEAR_WIN_LABEL}'
   margin = oto_jax.tuning.CLEAR_WIN if t.label.endswith(clear) else 1.0
   for c in t.convs:
     assert c.chosen == oto_jax.tuning.choose(c, margin)
@@ -353,16 +359,30 @@ def test_clear_wins_plan(tuned, monkeypatch):
 
   monkeypatch.setattr(oto_jax.tuning, 'time_convs', fake)
   t = oto_jax.deploy_subnet(sub, tune_inputs=(x,), tune_repeats=1, progress=False).tuning
-  clear = f', dots only where {oto_jax.tuning.CLEAR_WIN:g}× faster alone'
+  clear = f', {oto_jax.tuning.CLEAR_WIN_LABEL}'
   names = list(t.program_ms)
   assert len(names) == 2 * len(oto_jax.tuning.option_sets(jax.default_backend())) + 1
   assert names[-1] == min(names[:-1], key=t.program_ms.get) + clear
   assert ''.join(c.chosen[0] for c in t.convs) == ('ccdc' if t.label == names[-1] else 'dcdd')
 
 
+def test_benchmark_layer_table_names_the_tuned_lowerings(tuned):
+  """bench_subnet's per-layer table times every contraction of a tuned program as bound and
+  names each convolution's lowering from the tuning record, folded or not."""
+  *_, dep = tuned
+  # Deployed again, the tuned program is folded whatever the tuner chose, and keeps its record.
+  for d in (dep, oto_jax.deploy_subnet(dep)):
+    rows = contraction_times(d, 1, d.compiler_options)
+    convs = [r['op'] for r in rows if r['op'].startswith('conv_general_dilated')]
+    assert convs == [f'conv_general_dilated as {c.chosen}' for c in d.tuning.convs]
+    assert [r['op'] for r in rows if not r['op'].startswith('conv')] == ['dot_general']
+    assert all(r['ms'] > 0 and r['gflops'] > 0 for r in rows)
+
+
 def test_forced_lowerings_compute_the_same(tuned):
-  """Every convolution forced to each lowering gives the cut subnet's outputs; the grouped one
-  stays a convolution (its patches would mix the groups)."""
+  """Every convolution forced to each lowering gives the cut subnet's outputs; one a lowering
+  does not compute stays a convolution (the grouped one: its patches would mix the groups;
+  Winograd: all but the 3×3, stride-1 one), also exported with a symbolic batch."""
   x, *_, sub, _ = tuned
   operands = oto_jax.tuning.conv_operands(sub.program, sub._variable_leaves(sub.variables), [x])
   # At the tuning batch, with the slim kernels.
@@ -370,7 +390,8 @@ def test_forced_lowerings_compute_the_same(tuned):
   assert [specs[0].shape[0] for specs, _ in operands.values()] == [6] * 4
   assert sorted(specs[1].shape for specs, _ in operands.values()) == kernels
   want = sub.apply(sub.variables, x)
-  for how, convs_left in (('conv', 4), ('dot', 1)):
+  leaves = jax.tree_util.tree_leaves(sub.variables)
+  for how, convs_left in (('conv', 4), ('dot', 1), ('winograd', 3)):
 
     def force(e, how=how):
       if e.name != 'conv_general_dilated':
@@ -381,6 +402,12 @@ def test_forced_lowerings_compute_the_same(tuned):
     got = subnet_of(sub.partition, sub.keep, sub.variables, program, sub._cut)
     assert sum(e.primitive.name == 'conv_general_dilated' for e in got.jaxpr.jaxpr.eqns) == convs_left
     _close(want, got.apply(sub.variables, x), f'every convolution as {how}')
+    # Exported with the batch symbolic, the lowering runs at other batch sizes too.
+    exported = oto_jax.export_subnet(got, fold_batchnorm=False)
+    for n in (1, 5):
+      _close(
+        sub.apply(sub.variables, x[:n]), exported.call(leaves, (x[:n],), {}), f'{how}, exported, batch {n}'
+      )
 
 
 def test_saved_tuned_subnet_keeps_its_options(tuned, tmp_path):

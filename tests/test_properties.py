@@ -579,6 +579,104 @@ def test_dense_subnet_matches_zeroed_model(spec, framework, dtype, subset):
 
 
 # ---------------------------------------------------------------------------------------------
+# Lowerings: every way the deployed program may bind a convolution computes it.
+
+LAYOUTS = [
+  ('NHWC', 'HWIO', 'NHWC'),
+  ('NCHW', 'OIHW', 'NCHW'),
+  ('NHWC', 'OIHW', 'NCHW'),
+  ('CHWN', 'IOHW', 'NWHC'),
+]
+
+
+@st.composite
+def convolutions(draw) -> tuple:
+  """A random 2-D convolution's operands and parameters; 3×3 stride-1 kernels, which
+  Winograd's lowering takes, one draw in two."""
+  layout = draw(st.sampled_from(LAYOUTS))
+  three = draw(st.booleans())
+  kernel = (3, 3) if three else tuple(draw(st.lists(st.integers(1, 4), min_size=2, max_size=2)))
+  strides = (1, 1) if three else tuple(draw(st.lists(st.integers(1, 3), min_size=2, max_size=2)))
+  dilation = (1, 1) if three else tuple(draw(st.lists(st.integers(1, 2), min_size=2, max_size=2)))
+  spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+  spatial = [draw(st.integers(max(1, span - 1), 9)) for span in spans]
+  # Each side padded by -1 to 2, as long as the padded input still holds the kernel.
+  padding = []
+  for size, span in zip(spatial, spans):
+    lo = draw(st.integers(-1, 2))
+    padding.append((lo, draw(st.integers(max(-1, span - size - lo), 2))))
+  groups = draw(st.sampled_from([1, 1, 2]))
+  sizes = {
+    'N': draw(st.integers(1, 3)),
+    'C': groups * draw(st.integers(1, 4)),
+    'O': groups * draw(st.integers(1, 4)),
+  }
+  lhs_shape = [{'H': spatial[0], 'W': spatial[1]}.get(a, sizes.get(a)) for a in layout[0]]
+  rhs_shape = [
+    {'H': kernel[0], 'W': kernel[1], 'I': sizes['C'] // groups}.get(a, sizes.get(a)) for a in layout[1]
+  ]
+  rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+  lhs = jnp.asarray(rng.normal(size=lhs_shape), jnp.float32)
+  rhs = jnp.asarray(rng.normal(size=rhs_shape), jnp.float32)
+
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(
+      x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=layout, feature_group_count=groups
+    )
+
+  return lhs, rhs, jax.make_jaxpr(conv)(lhs, rhs).jaxpr.eqns[0].params
+
+
+def _reference_conv(lhs: np.ndarray, rhs: np.ndarray, params: dict) -> np.ndarray:
+  """The convolution by its definition, in NumPy: a sum over kernel taps of shifted, strided
+  input slices. (XLA:CPU's own convolution is not the reference: with padding (-1, 1) on one
+  axis and none on the other it returned garbage and NaNs here, jax 0.10.2.)"""
+  lspec, rspec, ospec = params['dimension_numbers']
+  x = np.transpose(lhs, (lspec[0], *lspec[2:], lspec[1]))
+  w = np.transpose(rhs, (*rspec[2:], rspec[1], rspec[0]))
+  for axis, (lo, hi) in enumerate(params['padding'], start=1):
+    x = np.pad(x, [(max(lo, 0), max(hi, 0)) if a == axis else (0, 0) for a in range(4)])
+    x = np.take(x, range(max(-lo, 0), x.shape[axis] - max(-hi, 0)), axis=axis)
+  (sh, sw), (dh, dw) = params['window_strides'], params['rhs_dilation']
+  kh, kw, cin, cout = w.shape
+  oh, ow = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1, (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+  groups = params['feature_group_count']
+  y = np.zeros((x.shape[0], oh, ow, cout))
+  for g in range(groups):
+    outs, ins = slice(g * cout // groups, (g + 1) * cout // groups), slice(g * cin, (g + 1) * cin)
+    for i in range(kh):
+      for j in range(kw):
+        taps = x[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw, ins]
+        y[..., outs] += taps @ w[i, j, :, outs]
+  where = {ospec[0]: 0, ospec[1]: 3, ospec[2]: 1, ospec[3]: 2}
+  return np.transpose(y, [where[a] for a in range(4)])
+
+
+@settings(max_examples=examples(40))
+@given(convolutions())
+def test_every_conv_lowering_computes_the_convolution(case):
+  """The patches dot and Winograd's F(2×2, 3×3), wherever ``conv_lowerings`` offers them,
+  compute the convolution (float32, within 1e-5 of the output scale of a float64 reference);
+  Winograd is offered for exactly the ungrouped 3×3, stride-1, undilated ones."""
+  from oto_jax.primitives.contractions import conv_as_dot, conv_as_winograd, conv_lowerings
+
+  lhs, rhs, params = case
+  want = _reference_conv(np.asarray(lhs, np.float64), np.asarray(rhs, np.float64), params)
+  ways = conv_lowerings(lhs, rhs, params)
+  ungrouped = params['feature_group_count'] == 1
+  kernel = [rhs.shape[a] for a in params['dimension_numbers'].rhs_spec[2:]]
+  three = kernel == [3, 3] and params['window_strides'] == (1, 1) and params['rhs_dilation'] == (1, 1)
+  assert ways == ('conv', *(('dot', 'winograd') if three else ('dot',)) * ungrouped)
+  event(f'lowerings: {", ".join(ways)}')
+  scale = float(jnp.max(jnp.abs(want))) or 1.0
+  for how, lower in (('dot', conv_as_dot), ('winograd', conv_as_winograd)):
+    if how in ways:
+      got = lower(lhs, rhs, params)
+      assert got.shape == want.shape, (how, got.shape, want.shape)
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, err_msg=how)
+
+
+# ---------------------------------------------------------------------------------------------
 # Export: several generated models' StableHLO, checked by one process that imports only jax.
 
 EXPORT_BATCHES = (3, 1)

@@ -780,6 +780,31 @@ def test_conv_as_dot_equals_the_convolution(layout, spatial, kernel, strides, pa
   chex.assert_trees_all_close(conv_as_dot(lhs, rhs, params), conv(lhs, rhs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+  'dtype, out_type, winograd',
+  [
+    (jnp.float32, None, True),
+    (jnp.bfloat16, None, False),
+    (jnp.bfloat16, jnp.float32, False),
+    (jnp.float16, None, False),
+  ],
+)
+def test_winograd_only_where_its_rounding_stays_small(dtype, out_type, winograd):
+  """Winograd's transforms round in the operands' type: offered in float32, not in 16-bit types."""
+  from oto_jax.primitives.contractions import conv_lowerings
+
+  x, w = jnp.zeros((2, 6, 6, 4), dtype), jnp.zeros((3, 3, 4, 5), dtype)
+
+  def conv(x, w):
+    dn = ('NHWC', 'HWIO', 'NHWC')
+    return jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=dn, preferred_element_type=out_type
+    )
+
+  params = jax.make_jaxpr(conv)(x, w).jaxpr.eqns[0].params
+  assert conv_lowerings(x, w, params) == ('conv', 'dot', 'winograd')[: 3 if winograd else 2]
+
+
 class TinyOutputCNN(nn.Module):
   """A 1×1 convolution, then convolutions down to 2×2 and 1×1 outputs (VGG's last block on
   CIFAR), then a head."""

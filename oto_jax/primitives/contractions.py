@@ -113,6 +113,35 @@ def _conv_rewrite(ctx, eqn):
 SMALL_CONV_OUTPUT = 4
 
 
+def _channels_last(lhs, rhs, params):
+  """The operands as ``(batch, spatial…, feature)`` and ``(spatial…, in, out)``."""
+  lspec, rspec, _ = params['dimension_numbers']
+  x = jnp.transpose(lhs, (lspec[0], *lspec[2:], lspec[1]))
+  w = jnp.transpose(rhs, (*rspec[2:], rspec[1], rspec[0]))
+  return x, w
+
+
+def _as_out_spec(y, params):
+  """A ``(batch, spatial…, feature)`` result in the convolution's output layout."""
+  ospec = params['dimension_numbers'].out_spec
+  nsp = len(ospec) - 2
+  where = {ospec[0]: 0, ospec[1]: nsp + 1, **{ospec[2 + d]: 1 + d for d in range(nsp)}}
+  return jnp.transpose(y, [where[a] for a in range(nsp + 2)])
+
+
+def _contract_last(lhs, rhs, params, batch: int = 0):
+  """``lhs``'s last axis against ``rhs``'s first after ``batch`` shared leading axes, with the
+  convolution's precision and result type."""
+  b = tuple(range(batch))
+  return jax.lax.dot_general(
+    lhs,
+    rhs,
+    (((lhs.ndim - 1,), (batch,)), (b, b)),
+    precision=params.get('precision'),
+    preferred_element_type=params.get('preferred_element_type'),
+  )
+
+
 def conv_as_dot(lhs, rhs, params):
   """``conv_general_dilated`` as one ``dot_general``: the kernel's taps of every output pixel
   (shifted, strided slices of the padded input) against the kernel.
@@ -122,11 +151,8 @@ def conv_as_dot(lhs, rhs, params):
 
   Only for ``feature_group_count = batch_group_count = 1`` and no input dilation.
   """
-  dn = params['dimension_numbers']
-  lspec, rspec, ospec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-  nsp = len(lspec) - 2
-  x = jnp.transpose(lhs, (lspec[0], *lspec[2:], lspec[1]))  # batch, spatial…, feature
-  w = jnp.transpose(rhs, (*rspec[2:], rspec[1], rspec[0]))  # spatial…, in, out
+  x, w = _channels_last(lhs, rhs, params)
+  nsp = x.ndim - 2
   strides, dilation = params['window_strides'], params['rhs_dilation']
   zero = jnp.zeros((), x.dtype)
   x = jax.lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in params['padding']), (0, 0, 0)])
@@ -138,25 +164,89 @@ def conv_as_dot(lhs, rhs, params):
     limit = [x.shape[0], *(start[1 + d] + (out[d] - 1) * strides[d] + 1 for d in range(nsp)), x.shape[-1]]
     taps.append(jax.lax.slice(x, start, limit, [1, *strides, 1]))
   patches = jnp.stack(taps, axis=-2).reshape(-1, len(taps) * x.shape[-1])
-  y = jax.lax.dot_general(
-    patches,
-    w.reshape(-1, w.shape[-1]),
-    (((1,), (0,)), ((), ())),
-    precision=params.get('precision'),
-    preferred_element_type=params.get('preferred_element_type'),
+  y = _contract_last(patches, w.reshape(-1, w.shape[-1]), params)
+  return _as_out_spec(y.reshape(x.shape[0], *out, w.shape[-1]), params)
+
+
+def _winograd_rows(d, axis: int, at: int):
+  """Winograd's F(2, 3) input transform :math:`B^T d` along ``axis``, whose length ``2 (t + 1)``
+  holds ``t + 1`` pairs: the four rows of each of ``t`` tiles (four inputs at stride 2) stacked
+  as axis ``at``."""
+  pairs = d.reshape(*d.shape[:axis], d.shape[axis] // 2, 2, *d.shape[axis + 1 :])
+  first = jax.lax.slice_in_dim(pairs, 0, pairs.shape[axis] - 1, axis=axis)
+  second = jax.lax.slice_in_dim(pairs, 1, pairs.shape[axis], axis=axis)
+  d0, d1, d2, d3 = (jax.lax.index_in_dim(p, k, axis + 1, False) for p in (first, second) for k in (0, 1))
+  return jnp.stack([d0 - d2, d1 + d2, d2 - d1, d1 - d3], axis=at)
+
+
+def _winograd_cols(m, axis: int):
+  """Winograd's F(2, 3) output transform :math:`A^T m` along ``axis`` (length 4), two rows."""
+  m0, m1, m2, m3 = (jax.lax.index_in_dim(m, k, axis, False) for k in range(4))
+  return jnp.stack([m0 + m1 + m2, m1 - m2 - m3], axis=axis)
+
+
+def conv_as_winograd(lhs, rhs, params):
+  """A 3×3, stride-1 ``conv_general_dilated`` by Winograd's minimal filtering F(2×2, 3×3):
+  each 2×2 output tile from its 4×4 input tile with 16 products per channel pair instead of 36,
+  as 16 matrix products over all tiles.
+
+  .. math::
+    Y = A^T \\big[ (G\\, w\\, G^T) \\odot (B^T d\\, B) \\big] A
+
+  summed over input channels, with :math:`B, G, A` of Lavin & Gray. The transforms add and
+  halve only, so the rounding stays close to the direct sum's (float32: about 1e-6 relative).
+  Only where :func:`conv_lowerings` lists ``'winograd'``.
+
+  References:
+    Lavin & Gray, *Fast Algorithms for Convolutional Neural Networks*, CVPR 2016.
+  """
+  x, w = _channels_last(lhs, rhs, params)
+  n, c, o = x.shape[0], x.shape[-1], w.shape[-1]
+  (plo, phi), (qlo, qhi) = params['padding']
+  out = (x.shape[1] + plo + phi - 2, x.shape[2] + qlo + qhi - 2)
+  tiles = ((out[0] + 1) // 2, (out[1] + 1) // 2)
+  # Pad to whole tiles: 2t + 2 rows for t tiles; the extra output row or column is cut below.
+  pads = [
+    (0, 0, 0),
+    (plo, 2 * tiles[0] + 2 - x.shape[1] - plo, 0),
+    (qlo, 2 * tiles[1] + 2 - x.shape[2] - qlo, 0),
+  ]
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype), [*pads, (0, 0, 0)])
+  v = _winograd_rows(_winograd_rows(x, 1, at=0), 3, at=1)  # 4, 4, n, th, tw, c
+  half = jnp.asarray(0.5, w.dtype)
+  g = jnp.stack([w[0], (w[0] + w[1] + w[2]) * half, (w[0] - w[1] + w[2]) * half, w[2]])
+  u = jnp.stack(
+    [g[:, 0], (g[:, 0] + g[:, 1] + g[:, 2]) * half, (g[:, 0] - g[:, 1] + g[:, 2]) * half, g[:, 2]], 1
   )
-  y = y.reshape(x.shape[0], *out, w.shape[-1])  # batch, spatial…, feature
-  where = {ospec[0]: 0, ospec[1]: nsp + 1, **{ospec[2 + d]: 1 + d for d in range(nsp)}}
-  return jnp.transpose(y, [where[a] for a in range(nsp + 2)])
+  m = _contract_last(v.reshape(16, -1, c), u.reshape(16, c, o), params, batch=1)
+  y = _winograd_cols(_winograd_cols(m.reshape(4, 4, n, *tiles, o), 0), 1)  # 2, 2, n, th, tw, o
+  y = jnp.transpose(y, (2, 3, 0, 4, 1, 5)).reshape(n, 2 * tiles[0], 2 * tiles[1], o)
+  return _as_out_spec(y[:, : out[0], : out[1]], params)
 
 
-CONV_LOWERINGS = ('conv', 'dot')
+CONV_LOWERINGS = ('conv', 'dot', 'winograd')
 
 
-def conv_as_dot_applies(params: dict) -> bool:
-  """Whether :func:`conv_as_dot` computes this convolution: no groups, no input dilation."""
+def _ungrouped(params: dict) -> bool:
+  """No feature or batch groups and no input dilation: a sum of kernel taps × shifted inputs."""
   plain = params['feature_group_count'] == 1 and params['batch_group_count'] == 1
   return plain and all(d == 1 for d in params.get('lhs_dilation') or ())
+
+
+def conv_lowerings(lhs, rhs, params: dict) -> tuple[str, ...]:
+  """The lowerings that compute this convolution (operands: arrays or ``jax.ShapeDtypeStruct``):
+  ``'conv'`` always; ``'dot'`` (:func:`conv_as_dot`) without groups or input dilation;
+  ``'winograd'`` (:func:`conv_as_winograd`) for a 3×3, stride-1, undilated 2-D one in float32
+  or float64 (in bfloat16 and float16 the transforms' roundings would show)."""
+  if not _ungrouped(params):
+    return ('conv',)
+  rspec = params['dimension_numbers'].rhs_spec
+  wino = [rhs.shape[a] for a in rspec[2:]] == [3, 3]
+  wino = wino and all(s == 1 for s in (*params['window_strides'], *params['rhs_dilation']))
+  out_type = params.get('preferred_element_type')
+  wino = wino and lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.float64)
+  wino = wino and (out_type is None or out_type == lhs.dtype)
+  return ('conv', 'dot', 'winograd') if wino else ('conv', 'dot')
 
 
 def conv_lowering_rule(out_shape: tuple, rhs_shape: tuple, params: dict) -> str:
@@ -166,18 +256,20 @@ def conv_lowering_rule(out_shape: tuple, rhs_shape: tuple, params: dict) -> str:
   dn = params['dimension_numbers']
   small = math.prod(out_shape[a] for a in dn.out_spec[2:]) <= SMALL_CONV_OUTPUT
   small = small or math.prod(rhs_shape[a] for a in dn.rhs_spec[2:]) == 1
-  return 'dot' if small and conv_as_dot_applies(params) else 'conv'
+  return 'dot' if small and _ungrouped(params) else 'conv'
 
 
 def bind_conv(lowering: str | None, ctx, eqn, ins, params) -> list:
   """A convolution bound as ``lowering`` (``'conv'``: the primitive; ``'dot'``:
-  :func:`conv_as_dot`; None: :func:`conv_lowering_rule`'s choice)."""
+  :func:`conv_as_dot`; ``'winograd'``: :func:`conv_as_winograd`; None:
+  :func:`conv_lowering_rule`'s choice), or as the primitive where that lowering does not apply."""
   if lowering is None:
     shapes = ctx.values.shapes
     lowering = conv_lowering_rule(shapes[eqn.outs[0]], shapes[eqn.ins[1]], params)
-  if lowering == 'dot' and conv_as_dot_applies(params):
-    return [conv_as_dot(*ins, params)]
-  return [eqn.primitive.bind(*ins, **params)]
+  if lowering not in conv_lowerings(*ins, params):
+    lowering = 'conv'
+  how = {'dot': conv_as_dot, 'winograd': conv_as_winograd}.get(lowering)
+  return [eqn.primitive.bind(*ins, **params) if how is None else how(*ins, params)]
 
 
 def _ragged_numbers(eqn):
