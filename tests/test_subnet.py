@@ -790,7 +790,8 @@ def test_conv_as_dot_equals_the_convolution(layout, spatial, kernel, strides, pa
   ],
 )
 def test_winograd_only_where_its_rounding_stays_small(dtype, out_type, winograd):
-  """Winograd's transforms round in the operands' type: offered in float32, not in 16-bit types."""
+  """Winograd's transforms round in the operands' type: offered in float32, not in 16-bit
+  types, and only where the spatial sizes are known."""
   from oto_jax.primitives.contractions import conv_lowerings
 
   x, w = jnp.zeros((2, 6, 6, 4), dtype), jnp.zeros((3, 3, 4, 5), dtype)
@@ -803,6 +804,10 @@ def test_winograd_only_where_its_rounding_stays_small(dtype, out_type, winograd)
 
   params = jax.make_jaxpr(conv)(x, w).jaxpr.eqns[0].params
   assert conv_lowerings(x, w, params) == ('conv', 'dot', 'winograd')[: 3 if winograd else 2]
+  # Its tiles need the spatial sizes: a symbolic batch keeps it, a symbolic height does not.
+  b, h = jax.export.symbolic_shape('b, h')
+  assert conv_lowerings(jax.ShapeDtypeStruct((b, 6, 6, 4), dtype), w, params) == conv_lowerings(x, w, params)
+  assert conv_lowerings(jax.ShapeDtypeStruct((b, h, 6, 4), dtype), w, params) == ('conv', 'dot')
 
 
 class TinyOutputCNN(nn.Module):

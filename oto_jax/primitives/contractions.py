@@ -237,11 +237,14 @@ def conv_lowerings(lhs, rhs, params: dict) -> tuple[str, ...]:
   """The lowerings that compute this convolution (operands: arrays or ``jax.ShapeDtypeStruct``):
   ``'conv'`` always; ``'dot'`` (:func:`conv_as_dot`) without groups or input dilation;
   ``'winograd'`` (:func:`conv_as_winograd`) for a 3×3, stride-1, undilated 2-D one in float32
-  or float64 (in bfloat16 and float16 the transforms' roundings would show)."""
+  or float64 (in bfloat16 and float16 the transforms' roundings would show) with known spatial
+  sizes."""
   if not _ungrouped(params):
     return ('conv',)
-  rspec = params['dimension_numbers'].rhs_spec
+  lspec, rspec, _ = params['dimension_numbers']
   wino = [rhs.shape[a] for a in rspec[2:]] == [3, 3]
+  # Its tiles need the spatial sizes: a symbolic one (shape polymorphism) keeps the others.
+  wino = wino and all(isinstance(lhs.shape[a], (int, np.integer)) for a in lspec[2:])
   wino = wino and all(s == 1 for s in (*params['window_strides'], *params['rhs_dilation']))
   out_type = params.get('preferred_element_type')
   wino = wino and lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.float64)
