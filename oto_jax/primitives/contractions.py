@@ -224,7 +224,9 @@ def conv_as_winograd(lhs, rhs, params):
   return _as_out_spec(y[:, : out[0], : out[1]], params)
 
 
-CONV_LOWERINGS = ('conv', 'dot', 'winograd')
+# The lowerings other than the primitive itself ('conv'), by name.
+_LOWERED = {'dot': conv_as_dot, 'winograd': conv_as_winograd}
+CONV_LOWERINGS = ('conv', *_LOWERED)
 
 
 def _ungrouped(params: dict) -> bool:
@@ -271,7 +273,7 @@ def bind_conv(lowering: str | None, ctx, eqn, ins, params) -> list:
     lowering = conv_lowering_rule(shapes[eqn.outs[0]], shapes[eqn.ins[1]], params)
   if lowering not in conv_lowerings(*ins, params):
     lowering = 'conv'
-  how = {'dot': conv_as_dot, 'winograd': conv_as_winograd}.get(lowering)
+  how = _LOWERED.get(lowering)
   return [eqn.primitive.bind(*ins, **params) if how is None else how(*ins, params)]
 
 
